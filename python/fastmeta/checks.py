@@ -1,0 +1,94 @@
+"""Input validation: every bad argument is caught here, in Python, before any pointer can
+reach the compiled core. Errors name the argument (and the task index for NaN)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def reference_parameter(model: nn.Module) -> Tensor:
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(f"the model {type(model).__name__} has no parameters to meta-learn")
+    first = params[0]
+    for name, p in model.named_parameters():
+        if p.dtype != first.dtype or p.device != first.device:
+            raise TypeError(f"model parameter {name!r} is {p.dtype} on {p.device}, but others are "
+                            f"{first.dtype} on {first.device}")
+    return first
+
+
+def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name} is {x.dtype} but the model's parameters are {like.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but the model's parameters are on {like.device}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [tasks, samples, ...], got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)} (need at least one task and one sample)")
+    if num_tasks is not None and x.shape[0] != num_tasks:
+        raise ValueError(f"{name} has {x.shape[0]} tasks but the support set has {num_tasks}")
+    check_no_nan(name, x)
+
+
+def check_no_nan(name: str, x: Tensor) -> None:
+    bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
+    if bool(bad.any()):
+        task = int(bad.nonzero()[0, 0])
+        raise FloatingPointError(f"{name} contains NaN or infinity (task {task})")
+
+
+def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int | None) -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but the inputs are on {x.device}")
+    if tuple(y.shape[:2]) != tuple(x.shape[:2]):
+        raise ValueError(f"{name} has shape {tuple(y.shape)}, which does not match the inputs' "
+                         f"[tasks, samples] = {tuple(x.shape[:2])}")
+    if loss == "cross_entropy":
+        if y.dtype != torch.int64:
+            raise TypeError(f"{name} must hold int64 class indices for cross_entropy, got {y.dtype}")
+        if y.dim() != 2:
+            raise ValueError(f"{name} must have shape [tasks, samples] for cross_entropy, got {tuple(y.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bound = "" if num_classes is None else f" < {num_classes} (the model's outputs)"
+            raise ValueError(f"{name} holds labels in [{low}, {high}], outside 0 <= label{bound}")
+    else:
+        if not y.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor for mse, got {y.dtype}")
+        if y.dtype != x.dtype:
+            raise TypeError(f"{name} is {y.dtype} but the inputs are {x.dtype}")
+        check_no_nan(name, y)
+
+
+def check_task_batch(model_param: Tensor, loss: str, num_classes: int | None,
+                     support_x: Tensor, support_y: Tensor,
+                     query_x: Tensor | None = None, query_y: Tensor | None = None) -> None:
+    """Validates a meta-batch: shapes, dtypes, devices, label ranges and NaN."""
+    check_inputs("support_x", support_x, model_param, None)
+    check_targets("support_y", support_y, support_x, loss, num_classes)
+    if query_x is not None:
+        check_inputs("query_x", query_x, model_param, support_x.shape[0])
+        if tuple(query_x.shape[2:]) != tuple(support_x.shape[2:]):
+            raise ValueError(f"query_x samples have shape {tuple(query_x.shape[2:])} but support_x "
+                             f"samples have {tuple(support_x.shape[2:])}")
+        if query_y is None:
+            raise ValueError("query_y is required with query_x")
+        check_targets("query_y", query_y, query_x, loss, num_classes)
+
+
+def output_classes(model: nn.Module) -> int | None:
+    """The output width of an nn.Sequential that ends in a Linear layer, else None."""
+    from fastmeta.functional import flatten_sequential
+
+    layers = flatten_sequential(model)
+    if layers and isinstance(layers[-1], nn.Linear):
+        return layers[-1].out_features
+    return None

@@ -1,0 +1,177 @@
+"""Run a user's model with per-task weights: the batched forward of the reference engine.
+
+Every parameter ``theta_i`` becomes a task-batched tensor ``[T, *theta_i.shape]``. An
+``nn.Sequential`` of supported layers runs all tasks at once (batched matrix products,
+grouped convolutions, batch norm written from primitives with per-task statistics); any
+other module runs task by task through ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Activations and how to apply them; each is layout-agnostic (element-wise).
+_ELEMENTWISE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, x: torch.relu(x),
+    nn.Tanh: lambda m, x: torch.tanh(x),
+    nn.Sigmoid: lambda m, x: torch.sigmoid(x),
+    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
+    nn.Identity: lambda m, x: x,
+}
+
+
+def flatten_sequential(module: nn.Module) -> list[nn.Module] | None:
+    """The layers of a (possibly nested) ``nn.Sequential``, or None for any other module."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers = []
+    for child in module:
+        inner = flatten_sequential(child)
+        layers.extend(inner if inner is not None else [child])
+    return layers
+
+
+def unsupported_layer(layer: nn.Module) -> str | None:
+    """None when the batched Sequential path runs ``layer``, else why not."""
+    kind = type(layer)
+    if kind in _ELEMENTWISE or kind in (nn.Linear, nn.MaxPool2d, nn.AvgPool2d):
+        return None
+    if kind is nn.Conv2d:
+        return None if layer.padding_mode == "zeros" else f"Conv2d with padding_mode={layer.padding_mode!r}"
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return None
+    if kind is nn.Flatten:
+        return None if (layer.start_dim, layer.end_dim) == (1, -1) else "Flatten with start_dim != 1"
+    return kind.__name__
+
+
+class TaskBatchedModel:
+    """``model(params, x)`` with ``params[i]: [T, *theta_i.shape]`` and ``x: [T, N, *in]``.
+
+    Batch norm layers always use the statistics of each task's current batch.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.names = [name for name, _ in module.named_parameters()]
+        layers = flatten_sequential(module)
+        reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
+        if layers is None:
+            self.unsupported = f"{type(module).__name__} is not an nn.Sequential"
+        elif reasons:
+            self.unsupported = f"unsupported layer {reasons[0]}"
+        else:
+            self.unsupported = None
+        self.layers = layers if self.unsupported is None else None
+        # Index of each layer's first parameter in named_parameters() order.
+        self.param_offsets = []
+        if self.layers is not None:
+            offset = 0
+            for layer in self.layers:
+                self.param_offsets.append(offset)
+                offset += sum(1 for _ in layer.parameters(recurse=False))
+
+    @property
+    def batched(self) -> bool:
+        """True when all tasks run as one batched computation (the fast path)."""
+        return self.layers is not None
+
+    def __call__(self, params: Sequence[Tensor], x: Tensor, start: int = 0,
+                 stop: int | None = None) -> Tensor:
+        if self.layers is None:
+            if (start, stop) != (0, None):
+                raise ValueError("only an nn.Sequential model can be run layer range by layer range")
+            return self._per_task(params, x)
+        return self._sequential(params, x, start, len(self.layers) if stop is None else stop)
+
+    def _per_task(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        outputs = []
+        for t in range(x.shape[0]):
+            weights = {name: p[t] for name, p in zip(self.names, params)}
+            outputs.append(torch.func.functional_call(self.module, weights, (x[t],)))
+        return torch.stack(outputs)
+
+    def _sequential(self, params: Sequence[Tensor], x: Tensor, start: int, stop: int) -> Tensor:
+        num_tasks, num_samples = x.shape[0], x.shape[1]
+        # Image layers work on "channels" layout [N, T*C, H, W] (task-major channels), so
+        # one grouped convolution / pooling / batch norm call serves every task.
+        channels_layout = False
+
+        def to_channels(h):
+            return h.transpose(0, 1).reshape(num_samples, num_tasks * h.shape[2], *h.shape[3:])
+
+        def to_tasks(h):
+            return h.reshape(num_samples, num_tasks, -1, *h.shape[2:]).transpose(0, 1)
+
+        for index in range(start, stop):
+            layer = self.layers[index]
+            offset = self.param_offsets[index]
+            own = params[offset:offset + sum(1 for _ in layer.parameters(recurse=False))]
+            kind = type(layer)
+            if kind in _ELEMENTWISE:
+                x = _ELEMENTWISE[kind](layer, x)
+                continue
+            if kind in (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d):
+                if not channels_layout:
+                    x, channels_layout = to_channels(x), True
+            elif channels_layout:
+                x, channels_layout = to_tasks(x), False
+
+            if kind is nn.Linear:
+                x = _linear(x, own[0], own[1] if layer.bias is not None else None)
+            elif kind is nn.Conv2d:
+                x = _conv2d(layer, x, own[0], own[1] if layer.bias is not None else None, num_tasks)
+            elif kind is nn.BatchNorm2d:
+                x = _batch_norm(x, own, layer.eps, reduce_dims=(0, 2, 3))
+            elif kind is nn.BatchNorm1d:
+                x = _batch_norm(x, own, layer.eps, reduce_dims=(1,))
+            elif kind is nn.MaxPool2d:
+                x = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                                 ceil_mode=layer.ceil_mode)
+            elif kind is nn.AvgPool2d:
+                x = F.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                                 layer.count_include_pad, layer.divisor_override)
+            elif kind is nn.Flatten:
+                x = x.reshape(num_tasks, num_samples, -1)
+        return to_tasks(x) if channels_layout else x
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x [T, N, ..., in] @ weight[T, out, in]^T + bias[T, out]."""
+    shape = x.shape
+    flat = x.reshape(shape[0], -1, shape[-1])
+    if bias is None:
+        out = torch.bmm(flat, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return out.reshape(*shape[:-1], weight.shape[1])
+
+
+def _conv2d(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None, num_tasks: int) -> Tensor:
+    """Every task's convolution as one grouped convolution over task-major channels."""
+    weight = weight.reshape(-1, *weight.shape[2:])
+    bias = None if bias is None else bias.reshape(-1)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
+                    layer.groups * num_tasks)
+
+
+def _batch_norm(x: Tensor, affine: Sequence[Tensor], eps: float, reduce_dims: tuple) -> Tensor:
+    """Batch norm with batch statistics, from primitives.
+
+    Written out rather than through ``F.batch_norm``: its second-order gradients must be
+    exact, and this form's are checked against finite differences in the tests.
+    """
+    mean = x.mean(dim=reduce_dims, keepdim=True)
+    centred = x - mean
+    var = (centred * centred).mean(dim=reduce_dims, keepdim=True)
+    out = centred * torch.rsqrt(var + eps)
+    if affine:
+        weight, bias = affine
+        if reduce_dims == (1,):  # [T, N, F]: weight [T, F]
+            out = out * weight.unsqueeze(1) + bias.unsqueeze(1)
+        else:  # channels layout [N, T*C, H, W]: weight [T, C]
+            out = out * weight.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+    return out

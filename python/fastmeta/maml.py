@@ -1,0 +1,158 @@
+"""MAML (second- and first-order), Meta-SGD and ANIL: one inner loop, three ways to adapt."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta import backends
+from fastmeta.checks import check_task_batch, output_classes, reference_parameter
+from fastmeta.functional import TaskBatchedModel, flatten_sequential
+from fastmeta.losses import LOSSES, check_finite, per_task_loss
+from fastmeta.reference import AdaptedModel, adapt
+
+
+def _check_settings(inner_lr, inner_steps: int, loss: str) -> None:
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+        raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning (Finn et al. 2017).
+
+    ``loss = maml(support_x, support_y, query_x, query_y)`` adapts a copy of ``model`` to
+    every task with ``inner_steps`` SGD steps on its support set and returns the mean query
+    loss over tasks; ``loss.backward()`` puts the meta-gradient (second-order unless
+    ``first_order``) into ``model``'s ``.grad``.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1,
+                 first_order: bool = False, loss: str = "mse", backend: str = "auto"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_settings(inner_lr, inner_steps, loss)
+        self.model = model
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.first_order = bool(first_order)
+        self.loss = loss
+        self.backend = backends.check_backend_name(backend)
+        self._batched = TaskBatchedModel(model)
+
+    # What the variants change -------------------------------------------------------------
+    def _inner_lrs(self) -> list:
+        return [self.inner_lr] * len(self._batched.names)
+
+    def _adapted(self) -> list[bool] | None:
+        return None  # every parameter adapts
+
+    def _features_from(self) -> int:
+        return 0
+
+    def _compiled_reason(self) -> str | None:
+        return f"the compiled core has no {type(self).__name__} engine yet"
+
+    # The algorithm ---------------------------------------------------------------------------
+    def _validate(self, support_x, support_y, query_x=None, query_y=None) -> Tensor:
+        like = reference_parameter(self.model)
+        check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y,
+                         query_x, query_y)
+        backends.resolve(self.backend, like.device, self._compiled_reason())
+        return like
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
+        """The per-task adapted models; ``adapted(query_x)`` gives ``[T, Q, out]``."""
+        self._validate(support_x, support_y)
+        return self._adapt(support_x, support_y, self.inner_steps if steps is None else steps)
+
+    def _adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> AdaptedModel:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        create_graph = not self.first_order and torch.is_grad_enabled()
+        return adapt(self._batched, list(self.model.parameters()), support_x, support_y,
+                     self.loss, self._inner_lrs(), steps, create_graph, self._adapted(),
+                     self._features_from())
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                query_y: Tensor) -> Tensor:
+        self._validate(support_x, support_y, query_x, query_y)
+        adapted = self._adapt(support_x, support_y, self.inner_steps)
+        losses = per_task_loss(self.loss, adapted(query_x), query_y)
+        check_finite(losses, "the query loss")
+        return losses.mean()
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017): MAML with a learned inner learning rate for every weight.
+
+    The rates are parameters of this wrapper (``metasgd.inner_lrs``), so an optimizer over
+    ``metasgd.parameters()`` learns them with the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr_init: float = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, loss: str = "mse", backend: str = "auto"):
+        super().__init__(model, inner_lr_init, inner_steps, first_order, loss, backend)
+        self.inner_lrs = nn.ParameterList(
+            [nn.Parameter(torch.full_like(p, float(inner_lr_init))) for p in model.parameters()])
+
+    def _inner_lrs(self) -> list:
+        return list(self.inner_lrs)
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu et al. 2019): only the head adapts in the inner loop.
+
+    ``head`` is the name of a submodule of ``model`` (as in ``model.named_modules()``), the
+    submodule itself, or None for the last ``nn.Linear``. When ``model`` is an
+    ``nn.Sequential`` whose head is its final layers, the body's features are computed once
+    per task rather than at every inner step.
+    """
+
+    def __init__(self, model: nn.Module, head: str | nn.Module | None = None,
+                 inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
+                 loss: str = "mse", backend: str = "auto"):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, backend)
+        head_module = _find_head(model, head)
+        head_params = {id(p) for p in head_module.parameters()}
+        if not head_params:
+            raise ValueError(f"ANIL: the head {type(head_module).__name__} has no parameters")
+        self._adapted_mask = [id(p) in head_params for p in model.parameters()]
+        self._head_layer = _suffix_start(model, head_module)
+
+    def _adapted(self) -> list[bool]:
+        return self._adapted_mask
+
+    def _features_from(self) -> int:
+        return self._head_layer if self._batched.batched else 0
+
+
+def _find_head(model: nn.Module, head) -> nn.Module:
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("ANIL: the model has no nn.Linear layer to use as the head; pass head=")
+        return linears[-1]
+    if isinstance(head, nn.Module):
+        if not any(m is head for m in model.modules()):
+            raise ValueError("ANIL: head is not a submodule of model")
+        return head
+    modules = dict(model.named_modules())
+    if head not in modules:
+        raise ValueError(f"ANIL: model has no submodule named {head!r}; it has {sorted(modules)[1:]}")
+    return modules[head]
+
+
+def _suffix_start(model: nn.Module, head: nn.Module) -> int:
+    """The index of the head's first layer when it forms the tail of a Sequential, else 0."""
+    layers = flatten_sequential(model)
+    if not layers:
+        return 0
+    head_layers = flatten_sequential(head) or [head]
+    start = len(layers) - len(head_layers)
+    if start > 0 and all(a is b for a, b in zip(layers[start:], head_layers)):
+        return start
+    return 0
