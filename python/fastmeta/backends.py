@@ -6,19 +6,12 @@ naming a backend that cannot serve raises a ``ValueError`` that says why.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "torch")
-
-try:  # the compiled core is optional: everything works on the reference engine without it
-    from fastmeta import _core
-
-    _CORE_ERROR = None
-except ImportError as error:  # pragma: no cover - depends on how fastmeta was installed
-    _core = None
-    _CORE_ERROR = f"{type(error).__name__}: {error}"
 
 _warned: set[str] = set()
 
@@ -30,11 +23,30 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _load_core():
+    """The compiled module and None, or None and why it is unavailable.
+
+    FASTMETA_DISABLE_CORE=1 hides the core, to run (and test) the pure-torch fallback.
+    """
+    if os.environ.get("FASTMETA_DISABLE_CORE", "") not in ("", "0"):
+        return None, "disabled by FASTMETA_DISABLE_CORE"
+    try:
+        from fastmeta import _core as module
+    except ImportError as error:
+        return None, f"{type(error).__name__}: {error}"
+    return module, None
+
+
+_core, _CORE_ERROR = _load_core()
+if _core is None:  # everything still works, on the torch reference engine
+    warn_once(f"fastmeta's compiled core is unavailable ({_CORE_ERROR}); "
+              "using the torch reference engine")
+
+
 def core():
-    """The compiled module, or None when it could not be imported (with a one-time warning)."""
+    """The compiled module; only called once ``resolve`` has chosen the compiled core."""
     if _core is None:
-        warn_once(f"fastmeta's compiled core is unavailable ({_CORE_ERROR}); "
-                  "using the torch reference engine")
+        raise RuntimeError(f"fastmeta's compiled core is unavailable ({_CORE_ERROR})")
     return _core
 
 
@@ -74,6 +86,8 @@ def resolve(backend: str, device: torch.device, compiled_reason: str | None) -> 
         reason = f"the compiled core runs on the CPU and the data is on {device}"
     if reason is None and _core is None:
         reason = f"the compiled core is unavailable ({_CORE_ERROR})"
+        if backend == "auto":
+            return "torch"  # said once, at import
     if reason is None:
         return "cpu"
     if backend == "cpu":

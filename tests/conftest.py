@@ -1,0 +1,69 @@
+"""Shared fixtures and small helpers for fastmeta's tests.
+
+Every test is seeded (``torch.manual_seed``) so its random models and tasks are fresh for
+each test yet reproducible. The helpers here build meta-batches of the shapes the API takes:
+``x [T, S, *in]`` and ``y [T, S]`` (int64 class indices) or ``y [T, S, out]`` (regression).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# The tests are meant to run on a couple of CPU cores; keep intra-op threads modest so the
+# whole suite stays fast and timings do not depend on oversubscription.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config):
+    # backend="auto" falling back to the reference engine warns (once per reason): expected.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:fastmeta. using the torch reference engine:RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A different but reproducible seed for every test (derived from its node id)."""
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+
+
+def regression_batch(num_tasks: int, support: int, query: int, in_features: int,
+                     out_features: int, dtype=torch.float64):
+    """Random regression tasks: support_x, support_y, query_x, query_y."""
+    sx = torch.randn(num_tasks, support, in_features, dtype=dtype)
+    sy = torch.randn(num_tasks, support, out_features, dtype=dtype)
+    qx = torch.randn(num_tasks, query, in_features, dtype=dtype)
+    qy = torch.randn(num_tasks, query, out_features, dtype=dtype)
+    return sx, sy, qx, qy
+
+
+def classification_batch(num_tasks: int, support: int, query: int, in_shape, num_classes: int,
+                         dtype=torch.float64):
+    """Random classification tasks: inputs ``[T, N, *in_shape]``, int64 labels ``[T, N]``."""
+    in_shape = tuple(in_shape) if not isinstance(in_shape, int) else (in_shape,)
+    sx = torch.randn(num_tasks, support, *in_shape, dtype=dtype)
+    qx = torch.randn(num_tasks, query, *in_shape, dtype=dtype)
+    sy = torch.randint(0, num_classes, (num_tasks, support))
+    qy = torch.randint(0, num_classes, (num_tasks, query))
+    return sx, sy, qx, qy
+
+
+def snapshot(model: torch.nn.Module):
+    """Copies of every parameter and its .grad (None kept as None)."""
+    return [(p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+            for p in model.parameters()]
+
+
+def assert_unchanged(model: torch.nn.Module, before) -> None:
+    """Parameters bitwise equal to ``before``, and .grad untouched (None stays None)."""
+    for p, (value, grad) in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), value), "a parameter changed"
+        if grad is None:
+            assert p.grad is None, "a .grad appeared"
+        else:
+            assert p.grad is not None and torch.equal(p.grad, grad), "a .grad changed"
