@@ -5,6 +5,7 @@
 #include <string>
 
 #include "buffer.h"
+#include "mlp_engine.h"
 #include "reptile.h"
 
 #ifdef _OPENMP
@@ -13,6 +14,10 @@
 
 namespace py = pybind11;
 using namespace fastmeta;
+
+namespace fastmeta {
+void bind_mlp_engine(py::module_& m);  // mlp_bindings.cpp
+}
 
 namespace {
 
@@ -55,6 +60,7 @@ py::dict build_info() {
   info["max_threads"] = 1;
 #endif
   info["cuda"] = false;
+  info["engine_isa"] = engine_isa();
   return info;
 }
 
@@ -66,4 +72,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("task_weights"), py::arg("out"),
         "out[p] = theta[p] - mean_t task_weights[t, p] (float32 or float64, C-contiguous)");
   m.def("build_info", &build_info, "What this build of the core contains");
+  bind_mlp_engine(m);
 }

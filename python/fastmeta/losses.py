@@ -10,6 +10,9 @@ LOSSES = ("mse", "cross_entropy")
 
 def per_task_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     if kind == "mse":
+        if target.numel() != output.numel():
+            raise ValueError(f"the targets have shape {tuple(target.shape)} but the model's "
+                             f"output has shape {tuple(output.shape)}")
         diff = output - target.reshape(output.shape)
         return (diff * diff).flatten(1).mean(1)
     num_tasks, num_samples = output.shape[:2]
@@ -28,4 +31,4 @@ def check_finite(losses: Tensor, what: str) -> None:
     finite = torch.isfinite(losses.detach())
     if not bool(finite.all()):
         task = int((~finite).nonzero()[0, 0])
-        raise FloatingPointError(f"{what} is {float(losses[task])} for task {task}")
+        raise FloatingPointError(f"{what} is {float(losses.detach()[task])} for task {task}")

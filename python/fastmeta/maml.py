@@ -6,14 +6,16 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.checks import check_task_batch, output_classes, reference_parameter
+from fastmeta.engine_cpu import CompiledMLP, check_finite_steps, meta_loss
 from fastmeta.functional import TaskBatchedModel, flatten_sequential
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
 from fastmeta.reference import AdaptedModel, adapt
 
 
 def _check_settings(inner_lr, inner_steps: int, loss: str) -> None:
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-        raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
+    if (isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0
+            or inner_lr == float("inf")):
+        raise ValueError(f"inner_lr must be a finite positive number, got {inner_lr!r}")
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
     if loss not in LOSSES:
@@ -42,6 +44,9 @@ class MAML(nn.Module):
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
         self._batched = TaskBatchedModel(model)
+        self._compiled: CompiledMLP | None = None  # built on first use
+        #: the engine that ran the last forward: "cpu" (compiled core) or "torch"
+        self.last_backend: str | None = None
 
     # What the variants change -------------------------------------------------------------
     def _inner_lrs(self) -> list:
@@ -53,16 +58,25 @@ class MAML(nn.Module):
     def _features_from(self) -> int:
         return 0
 
-    def _compiled_reason(self) -> str | None:
-        return f"the compiled core has no {type(self).__name__} engine yet"
+    def _compiled_mlp(self) -> CompiledMLP:
+        if self._compiled is None:
+            self._compiled = CompiledMLP(self.model, self.loss, self._adapted())
+        return self._compiled
+
+    def _compiled_reason(self, support_x: Tensor | None = None) -> str | None:
+        """None when the compiled MLP engine can run this model (and these inputs)."""
+        compiled = self._compiled_mlp()
+        if compiled.reason is not None:
+            return compiled.reason
+        return None if support_x is None else compiled.input_reason(support_x)
 
     # The algorithm ---------------------------------------------------------------------------
-    def _validate(self, support_x, support_y, query_x=None, query_y=None) -> Tensor:
+    def _validate(self, support_x, support_y, query_x=None, query_y=None) -> str:
+        """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch")."""
         like = reference_parameter(self.model)
         check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y,
                          query_x, query_y)
-        backends.resolve(self.backend, like.device, self._compiled_reason())
-        return like
+        return backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """The per-task adapted models; ``adapted(query_x)`` gives ``[T, Q, out]``."""
@@ -79,11 +93,33 @@ class MAML(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
-        self._validate(support_x, support_y, query_x, query_y)
+        self.last_backend = self._validate(support_x, support_y, query_x, query_y)
+        if self.last_backend == "cpu":
+            return self._compiled_forward(support_x, support_y, query_x, query_y)
         adapted = self._adapt(support_x, support_y, self.inner_steps)
         losses = per_task_loss(self.loss, adapted(query_x), query_y)
         check_finite(losses, "the query loss")
         return losses.mean()
+
+    def _compiled_forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                          query_y: Tensor) -> Tensor:
+        """The same meta-step on the compiled engine, its meta-gradient handed to autograd."""
+        params = list(self.model.parameters())
+        lrs = self._inner_lrs()
+        meta_sgd = isinstance(lrs[0], Tensor)
+        trained = params + lrs if meta_sgd else params
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in trained)
+        result = self._compiled_mlp().run(
+            params, lrs if meta_sgd else self.inner_lr, self.inner_steps,
+            "first_order" if self.first_order else "second_order", support_x, support_y,
+            query_x, query_y, need_grad)
+        check_finite_steps(result.support_losses, "the support loss")
+        check_finite(result.query_losses, "the query loss")
+        value = result.query_losses.mean()
+        if not need_grad:
+            return value
+        grads = result.grads + result.lr_grads if meta_sgd else result.grads
+        return meta_loss(value, trained, grads)
 
 
 class MetaSGD(MAML):

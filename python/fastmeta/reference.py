@@ -58,6 +58,11 @@ def adapt(model: TaskBatchedModel, params: Sequence[Tensor], x: Tensor, y: Tenso
     not adapted) computes those layers' output once instead of at every step.
     """
     num_tasks = x.shape[0]
+    grad_enabled = torch.is_grad_enabled()
+    if not grad_enabled:
+        # Evaluation: no graph back to theta. Detach explicitly: a view made under no_grad
+        # of a parameter still reports requires_grad=True, but no gradient flows through it.
+        params = [p.detach() for p in params]
     fast = expand_to_tasks(params, num_tasks)
     which = [i for i in range(len(fast)) if adapted is None or adapted[i]]
     support_losses = []
@@ -77,4 +82,6 @@ def adapt(model: TaskBatchedModel, params: Sequence[Tensor], x: Tensor, y: Tenso
             for i, grad in zip(which, grads):
                 updated = fast[i] - lrs[i] * grad
                 fast[i] = updated if updated.requires_grad else updated.requires_grad_()
+    if not grad_enabled:
+        fast = [f.detach() for f in fast]
     return AdaptedModel(model, fast, support_losses)

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Side-by-side comparison of meta-learning implementations on the same data and weights.
+
+    python benchmarks/compare.py                          # W1 and W3, 20 repeats
+    python benchmarks/compare.py --workloads W1,W3,W2 --w2-repeats 2
+    python benchmarks/compare.py --memory                 # peak-RSS growth, W3, K = 1 5 10 20
+    python benchmarks/compare.py --markdown out.md        # also write the report to a file
+
+Workloads (float32, torch.set_num_threads(2), one fixed seeded meta-batch, one seeded
+initial model copied into every implementation):
+
+    W1  sinusoid MLP 1-40-40-1, K=10 support + 10 query, meta-batch 25: 2nd-order MAML, 1 step
+    W3  Omniglot MLP 784-256-128-64-64-5, 5-way 1-shot, 15 queries/class, meta-batch 32:
+        2nd-order MAML 1 and 5 steps, 1st-order MAML 1 and 5 steps, Reptile 5 steps
+    W2  Omniglot conv4 (hidden 64, 28x28x1), same task shape: 2nd-order MAML, 1 step
+        (seconds per step: its repeat count is --w2-repeats)
+
+Implementations: fastmeta backend="cpu" (when it can serve the call; otherwise the row says
+why), fastmeta backend="torch" (the reference engine), torch.func (vmap + functional_call +
+differentiable torch.func.grad), a plain per-task autograd loop, learn2learn 0.2.0 and
+higher 0.2.1 (install with benchmarks/install_comparisons.sh; "not installed" otherwise).
+
+Each meta-step is: zero the gradients, forward over the meta-batch, backward (Reptile: the
+inner loops and theta - mean(phi) into .grad). Times are per meta-step after warm-up.
+Useful FLOPs are counted analytically (see bench_workloads.useful_flops) and compared to
+this machine's float32 matmul peak, measured here with a large torch.mm on 2 threads.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import bench_workloads as bw  # noqa: E402
+import fastmeta  # noqa: E402
+
+W3_ALGORITHMS = [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5), bw.Algorithm("fomaml", 1),
+                 bw.Algorithm("fomaml", 5), bw.Algorithm("reptile", 5)]
+PLAN = {"W1": [bw.Algorithm("maml2", 1)], "W3": W3_ALGORITHMS, "W2": [bw.Algorithm("maml2", 1)]}
+MEMORY_STEPS = (1, 5, 10, 20)
+MMAP_THRESHOLD = 1 << 20  # bytes, for the memory-mode children
+REFERENCE = "fastmeta-torch"
+COMPILED = "fastmeta-cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> list[str]:
+    info = fastmeta.backends.info()
+    kernels = ", ".join(info.get("kernels", [])) or "none"
+    return [
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()})",
+        f"- threads: torch.set_num_threads({torch.get_num_threads()})",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, "
+        f"fastmeta {fastmeta.__version__} (compiled core: "
+        f"{'yes, kernels: ' + kernels if info['core_available'] else 'no'})",
+        f"- comparison packages: learn2learn {package_version('learn2learn')}, "
+        f"higher {package_version('higher')}",
+        f"- load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+
+
+def matmul_peak(sizes=(2048, 4096), tries=3) -> tuple[float, str]:
+    """Best float32 torch.mm throughput (FLOP/s) on the current thread setting."""
+    best, where = 0.0, ""
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        for _ in range(tries):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            rate = 2 * n ** 3 / (time.perf_counter() - start)
+            if rate > best:
+                best, where = rate, f"torch.mm {n}x{n} float32"
+    return best, where
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing mode
+# ---------------------------------------------------------------------------------------------
+def time_one(impl: str, w: bw.Workload, algo: bw.Algorithm, repeats: int, warmup: int):
+    """{"times": [...], "grad": Tensor} or {"na": reason}."""
+    gc.collect()
+    try:
+        model, step = bw.build(impl, w, algo)
+    except bw.Unavailable as error:
+        return {"na": str(error)}
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"times": times, "grad": bw.meta_gradient(model).detach().clone()}
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, peak, log) -> list[str]:
+    flops = bw.useful_flops(w, algo)
+    results = {}
+    # The reference first: every other gradient is checked against it.
+    for impl in sorted(impls, key=lambda name: name != REFERENCE):
+        log(f"  {w.key} {algo.label}: {impl} ...")
+        results[impl] = time_one(impl, w, algo, repeats, warmup)
+    ref = results.get(REFERENCE, {})
+    ref_med = statistics.median(ref["times"]) if "times" in ref else None
+    cpu = results.get(COMPILED, {})
+    cpu_med = statistics.median(cpu["times"]) if "times" in cpu else None
+
+    lines = [f"#### {w.key}: {algo.label}",
+             "",
+             f"{w.title}; useful FLOPs per meta-step: {flops / 1e9:.3g} GFLOP; "
+             f"{repeats} timed repeats after {warmup} warm-up.",
+             "",
+             "| implementation | median ms | min ms | tasks/s | x fastmeta-cpu | x reference "
+             "| GFLOP/s | % of peak | grad vs reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for impl in impls:
+        r = results[impl]
+        if "na" in r:
+            lines.append(f"| {impl} | n/a ({r['na']}) | | | | | | | |")
+            continue
+        med, low = statistics.median(r["times"]), min(r["times"])
+        vs_cpu = f"{med / cpu_med:.2f}" if cpu_med else "n/a"
+        vs_ref = f"{med / ref_med:.2f}" if ref_med else "n/a"
+        if impl == REFERENCE or "grad" not in ref:
+            check = "(reference)" if impl == REFERENCE else "n/a"
+        else:
+            diff = (r["grad"] - ref["grad"]).abs().max() / ref["grad"].abs().max()
+            check = f"{float(diff):.1e}"
+        rate = flops / med
+        lines.append(f"| {impl} | {fmt_ms(med)} | {fmt_ms(low)} | {w.tasks / med:.1f} | {vs_cpu} "
+                     f"| {vs_ref} | {rate / 1e9:.2f} | {100 * rate / peak:.1f} | {check} |")
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory mode: one fresh process per (implementation, inner steps)
+# ---------------------------------------------------------------------------------------------
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def memory_child(impl: str, steps: int) -> None:
+    torch.set_num_threads(bw.NUM_THREADS)
+    warnings.simplefilter("ignore")
+    w = bw.omniglot_mlp_workload()
+    algo = bw.Algorithm("maml2", steps)
+    # Warm torch's one-time machinery (autograd engine, thread pool, allocator) on a tiny
+    # double backward, so the growth below is the meta-step's own.
+    x = torch.randn(4, 3, requires_grad=True)
+    (g,) = torch.autograd.grad((x.tanh() ** 2).sum(), x, create_graph=True)
+    g.sum().backward()
+    model = w.fresh_model()
+    result = {"impl": impl, "steps": steps}
+    try:
+        if impl.startswith("fastmeta-"):
+            # Built without bw.build's probe step, which would itself raise the peak.
+            backend = impl.split("-", 1)[1]
+            learner = fastmeta.MAML(model, w.inner_lr, steps, loss=w.loss, backend=backend)
+
+            def step():
+                learner(w.support_x, w.support_y, w.query_x, w.query_y).backward()
+        else:
+            step = bw.IMPLEMENTATIONS[impl](w, algo, model)
+        gc.collect()
+        before = maxrss_mib()
+        step()
+        after = maxrss_mib()
+        result.update(before_mib=before, after_mib=after)
+    except (bw.Unavailable, ValueError) as error:
+        result["na"] = str(error).replace("backend='cpu' cannot serve this call: ", "")
+    print("RESULT " + json.dumps(result))
+
+
+def memory_table(impls, log) -> list[str]:
+    w = bw.omniglot_mlp_workload()
+    params = sum(p.numel() for p in w.base_model.parameters())
+    rows = {}
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps
+    # later ones on its heap, which makes the peak depend on the allocation history.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    for impl in impls:
+        for steps in MEMORY_STEPS:
+            log(f"  memory: {impl}, {steps} inner steps ...")
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory-child",
+                                   impl, str(steps)], capture_output=True, text=True, env=env)
+            found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                rows[impl, steps] = {"na": f"child failed: {tail}"}
+            else:
+                rows[impl, steps] = json.loads(found[-1][len("RESULT "):])
+    lines = ["#### W3: peak resident memory growth of one 2nd-order MAML meta-step",
+             "",
+             f"{w.title}; {params} parameters. Each cell: ru_maxrss after minus before one "
+             "meta-step (MiB), in a fresh process per cell, after torch's one-time warm-up, "
+             f"with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (blocks above 1 MiB go straight "
+             "back to the OS when freed, so the peak follows the live tensors). "
+             "Last row: the T*P*(2K+1) parameter-sized floats (phi_0..phi_K, g_0..g_K-1) the "
+             "ENGINE.md reverse sweep keeps, for scale.",
+             "",
+             "| implementation | " + " | ".join(f"K={k}" for k in MEMORY_STEPS) + " |",
+             "|---|" + "---:|" * len(MEMORY_STEPS)]
+    for impl in impls:
+        cells = []
+        for steps in MEMORY_STEPS:
+            r = rows[impl, steps]
+            cells.append(f"n/a ({r['na']})" if "na" in r else f"{r['after_mib'] - r['before_mib']:.0f}")
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    lines.append("| T*P*(2K+1) float32 | " + " | ".join(
+        f"{w.tasks * params * (2 * k + 1) * 4 / 2 ** 20:.0f}" for k in MEMORY_STEPS) + " |")
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="W1,W3",
+                        help="comma-separated subset of W1,W2,W3 (default W1,W3; W2 takes minutes)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed meta-steps per cell (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed meta-steps first (default 3)")
+    parser.add_argument("--w2-repeats", type=int, default=2,
+                        help="timed meta-steps for W2, with 1 warm-up (default 2)")
+    parser.add_argument("--impls", default=",".join(bw.IMPLEMENTATIONS),
+                        help=f"comma-separated subset of {','.join(bw.IMPLEMENTATIONS)}")
+    parser.add_argument("--memory", action="store_true",
+                        help="memory mode: peak-RSS growth of a 2nd-order MAML meta-step on W3 "
+                             f"at K = {', '.join(map(str, MEMORY_STEPS))} inner steps")
+    parser.add_argument("--memory-impls", default=f"{COMPILED},{REFERENCE}",
+                        help="implementations for --memory (default fastmeta-cpu,fastmeta-torch)")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="also write the markdown report to PATH")
+    parser.add_argument("--_memory-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._memory_child:
+        memory_child(args._memory_child[0], int(args._memory_child[1]))
+        return 0
+
+    torch.set_num_threads(bw.NUM_THREADS)
+    warnings.simplefilter("ignore")  # fastmeta's "using the reference engine" notes, etc.
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    def check_impls(text):
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [n for n in names if n not in bw.IMPLEMENTATIONS]
+        if unknown:
+            parser.error(f"unknown implementation(s) {unknown}; choose from {list(bw.IMPLEMENTATIONS)}")
+        return names
+
+    out = ["### Machine", ""] + machine_info()
+    out.append(f"- command: `python benchmarks/{os.path.basename(__file__)} "
+               f"{' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip() + "")
+    if args.memory:
+        out += ["", "### Memory", ""] + memory_table(check_impls(args.memory_impls), log)
+    else:
+        impls = check_impls(args.impls)
+        keys = [k.strip().upper() for k in args.workloads.split(",") if k.strip()]
+        bad = [k for k in keys if k not in PLAN]
+        if bad:
+            parser.error(f"unknown workload(s) {bad}; choose from W1, W2, W3")
+        log("measuring the float32 matmul peak ...")
+        peak, how = matmul_peak()
+        out.append(f"- float32 matmul peak (2 threads): {peak / 1e9:.1f} GFLOP/s ({how}, best of 3)")
+        out.append("")
+        for key in keys:
+            w = bw.WORKLOADS[key]()
+            repeats, warmup = (args.w2_repeats, 1) if key == "W2" else (args.repeats, args.warmup)
+            out += [f"### {key}: {w.title}" + (f" ({w.notes})" if w.notes else ""), ""]
+            for algo in PLAN[key]:
+                out += timing_table(w, algo, impls, repeats, warmup, peak, log)
+        out += ["Columns: x fastmeta-cpu / x reference = median time over that implementation's "
+                "median (higher is slower); GFLOP/s and % of peak use the analytic useful FLOPs; "
+                "grad vs reference = max |g - g_ref| / max |g_ref| of the meta-gradient.", ""]
+    text = "\n".join(out)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+// The meta-step driver: per-task inner loop, query gradient and reverse sweep, run in
+// parallel over tasks, then the in-order reduction over tasks.
+//
+// Compiled once per instruction set (FASTMETA_ISA names the namespace; see simd.h).
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "mlp_engine_isa.h"
+#include "mlp_loss.h"
+#include "mlp_passes.h"
+#include "reptile.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastmeta {
+namespace FASTMETA_ISA {
+namespace {
+
+// One thread's scratch: it runs its tasks one after another, so a task's parameter
+// history lives here rather than per task.
+template <typename Scalar>
+struct ThreadWorkspace {
+  PassBuffers<Scalar> support, query;
+  std::vector<Scalar*> phi;    // phi_1 .. phi_K (second order), or one slot updated in place
+  std::vector<Scalar*> grads;  // g_0 .. g_{K-1} (Meta-SGD, second order), or one slot
+  Scalar* grad_sum = nullptr;  // Meta-SGD, first order: sum_k g_k
+  Scalar* direction = nullptr; // u = alpha * v_{k+1} of the current sweep step
+};
+
+template <typename Scalar>
+class MetaStep {
+ public:
+  MetaStep(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, int num_threads)
+      : spec_(spec), layout_(spec), args_(args), num_threads_(num_threads) {
+    reptile_ = args.algorithm == Algorithm::reptile;
+    need_grad_ = reptile_ || args.need_grad;
+    second_order_ = args.algorithm == Algorithm::second_order && need_grad_;
+    meta_sgd_ = !args.lrs.empty() && !reptile_ && need_grad_ && args.lr_grad;
+    history_ = second_order_ ? args.inner_steps : 1;
+  }
+
+  // Assigns every buffer a piece of the arena (base == nullptr: only measures).
+  std::size_t carve(char* base) {
+    Carver c(base);
+    const int64_t pp = layout_.padded_size, hp = layout_.head_size(), tasks = args_.tasks;
+    theta_ = c.take<Scalar>(pp);
+    alpha_ = c.take<Scalar>(pp);
+    mean_ = c.take<Scalar>(pp);
+    grad_rows_ = need_grad_ ? c.take<Scalar>(tasks * pp) : nullptr;
+    lr_rows_ = meta_sgd_ ? c.take<Scalar>(tasks * pp) : nullptr;
+    threads_.assign(num_threads_, ThreadWorkspace<Scalar>());
+    for (ThreadWorkspace<Scalar>& w : threads_) {
+      carve_pass(c, w.support, args_.support, second_order_);
+      if (!reptile_) carve_pass(c, w.query, args_.query, false);
+      w.phi.clear();
+      for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(hp));
+      w.grads.clear();
+      for (int64_t k = 0; k < (meta_sgd_ ? history_ : 1); ++k) w.grads.push_back(c.take<Scalar>(hp));
+      w.grad_sum = meta_sgd_ && !second_order_ ? c.take<Scalar>(hp) : nullptr;
+      w.direction = second_order_ ? c.take<Scalar>(hp) : nullptr;
+    }
+    return c.size();
+  }
+
+  // What carve() depends on: the arena is re-zeroed when this changes.
+  std::string plan() const {
+    std::string s = std::to_string(sizeof(Scalar));
+    for (int64_t v : {args_.tasks, args_.support, args_.query, args_.inner_steps,
+                      int64_t(num_threads_), int64_t(args_.algorithm), int64_t(need_grad_),
+                      int64_t(meta_sgd_), layout_.head})
+      s += "," + std::to_string(v);
+    for (int64_t w : spec_.widths) s += ";" + std::to_string(w);
+    return s;
+  }
+
+  void run() {
+    layout_.pack(args_.params, theta_);
+    if (args_.lrs.empty())
+      layout_.fill(args_.lr, alpha_);
+    else
+      layout_.pack(args_.lrs, alpha_);
+
+#pragma omp parallel for num_threads(num_threads_) schedule(static, 1)
+    for (int64_t t = 0; t < args_.tasks; ++t) {
+#ifdef _OPENMP
+      ThreadWorkspace<Scalar>& w = threads_[omp_get_thread_num()];
+#else
+      ThreadWorkspace<Scalar>& w = threads_[0];
+#endif
+      run_task(t, w);
+    }
+
+    const int64_t pp = layout_.padded_size;
+    if (reptile_) {
+      reptile_direction<Scalar>(theta_, grad_rows_, args_.tasks, pp, mean_);
+      layout_.unpack(mean_, args_.grad);
+    } else if (need_grad_) {
+      mean_over_tasks(grad_rows_, mean_);
+      layout_.unpack(mean_, args_.grad);
+      if (meta_sgd_) {
+        mean_over_tasks(lr_rows_, mean_);
+        layout_.unpack(mean_, args_.lr_grad);
+      }
+    }
+  }
+
+ private:
+  void carve_pass(Carver& c, PassBuffers<Scalar>& buf, int64_t rows, bool with_r) {
+    const int64_t layers = layout_.num_layers();
+    buf.rows = rows;
+    const LayerLayout& first = layout_.layers[0];
+    buf.input_copy = first.in != first.in_pad ? c.take<Scalar>(rows * first.in_pad) : nullptr;
+    buf.act.assign(layers + 1, nullptr);
+    buf.dact.assign(layers + 1, nullptr);
+    buf.dpre.assign(layers, nullptr);
+    buf.ract.assign(layers + 1, nullptr);
+    buf.rdact.assign(layers + 1, nullptr);
+    buf.rpre.assign(layers, nullptr);
+    buf.rdpre.assign(layers, nullptr);
+    for (int64_t l = 1; l <= layers; ++l) {
+      const int64_t size = rows * layout_.width(l);
+      buf.act[l] = c.take<Scalar>(size);
+      buf.dact[l] = c.take<Scalar>(size);
+      buf.dpre[l - 1] = c.take<Scalar>(size);
+      if (with_r) {
+        buf.ract[l] = c.take<Scalar>(size);
+        buf.rdact[l] = c.take<Scalar>(size);
+        buf.rpre[l - 1] = c.take<Scalar>(size);
+        buf.rdpre[l - 1] = c.take<Scalar>(size);
+      }
+    }
+  }
+
+  // phi_k as a view of the adapted layers (k = 0: theta itself).
+  ParamView<const Scalar> phi(const ThreadWorkspace<Scalar>& w, int64_t k) const {
+    if (k == 0) return {theta_, 0};
+    return {w.phi[std::min<int64_t>(k, history_) - 1], layout_.head_offset};
+  }
+
+  const void* targets(const void* all, int64_t rows, int64_t t) const {
+    if (spec_.loss == Loss::mse)
+      return static_cast<const Scalar*>(all) + t * rows * spec_.widths.back();
+    return static_cast<const int64_t*>(all) + t * rows;
+  }
+
+  Scalar loss(PassBuffers<Scalar>& buf, const void* target, bool delta, Scalar* accuracy) const {
+    const int64_t layers = layout_.num_layers();
+    return loss_and_delta(spec_.loss, buf.rows, spec_.widths.back(), buf.act[layers],
+                          layout_.width(layers), target, delta ? buf.dact[layers] : nullptr,
+                          accuracy);
+  }
+
+  void run_task(int64_t t, ThreadWorkspace<Scalar>& w) const {
+    const int64_t layers = layout_.num_layers(), head = layout_.head, steps = args_.inner_steps;
+    const int64_t hp = layout_.head_size(), in = spec_.widths[0];
+    const Scalar* alpha = alpha_ + layout_.head_offset;
+    const ParamView<const Scalar> theta{theta_, 0};
+
+    // Inner loop on the support set; ANIL's body features are computed once.
+    PassBuffers<Scalar>& sup = w.support;
+    const void* sup_y = targets(args_.support_y, args_.support, t);
+    sup.set_input(layout_, args_.support_x + t * args_.support * in);
+    if (head > 0) forward(layout_, theta, sup, 0, head);
+    for (int64_t k = 0; k < steps; ++k) {
+      const ParamView<const Scalar> now = phi(w, k);
+      forward(layout_, now, sup, head, layers);
+      args_.support_loss[t * steps + k] = loss(sup, sup_y, true, nullptr);
+      Scalar* g = w.grads[meta_sgd_ && second_order_ ? k : 0];
+      backward(layout_, now, sup, head, layers, ParamView<Scalar>{g, layout_.head_offset}, false,
+               false);
+      const Scalar* from = now.weight(layout_.layers[head]);
+      Scalar* next = w.phi[std::min<int64_t>(k + 1, history_) - 1];
+#pragma omp simd
+      for (int64_t i = 0; i < hp; ++i) next[i] = from[i] - alpha[i] * g[i];
+      if (w.grad_sum) {
+        if (k == 0) std::memcpy(w.grad_sum, g, sizeof(Scalar) * hp);
+        else
+#pragma omp simd
+          for (int64_t i = 0; i < hp; ++i) w.grad_sum[i] += g[i];
+      }
+    }
+    const ParamView<const Scalar> adapted = phi(w, steps);
+    if (args_.adapted)
+      layout_.unpack(theta_, adapted.base, args_.adapted + t * layout_.user_size);
+
+    if (reptile_) {  // Reptile needs only phi_K: theta's rows for the body, phi_K's for the rest
+      Scalar* row = grad_rows_ + t * layout_.padded_size;
+      std::memcpy(row, theta_, sizeof(Scalar) * layout_.head_offset);
+      std::memcpy(row + layout_.head_offset, adapted.base, sizeof(Scalar) * hp);
+      return;
+    }
+
+    // Query loss at phi_K and its gradient v_K (and, for ANIL, the query features').
+    PassBuffers<Scalar>& qry = w.query;
+    const void* qry_y = targets(args_.query_y, args_.query, t);
+    qry.set_input(layout_, args_.query_x + t * args_.query * in);
+    if (head > 0) forward(layout_, theta, qry, 0, head);
+    forward(layout_, adapted, qry, head, layers);
+    args_.query_loss[t] = loss(qry, qry_y, need_grad_,
+                               args_.query_accuracy ? args_.query_accuracy + t : nullptr);
+    if (!need_grad_) return;
+    Scalar* row = grad_rows_ + t * layout_.padded_size;
+    const ParamView<Scalar> v{row + layout_.head_offset, layout_.head_offset};
+    backward(layout_, adapted, qry, head, layers, v, false, head > 0);
+    Scalar* lr_row = meta_sgd_ ? lr_rows_ + t * layout_.padded_size : nullptr;
+    if (lr_row) std::memset(lr_row, 0, sizeof(Scalar) * layout_.padded_size);
+
+    if (!second_order_) {
+      // dL/dalpha = -sum_k g_k * v_K (the inner gradients are constants).
+      if (lr_row)
+#pragma omp simd
+        for (int64_t i = 0; i < hp; ++i) lr_row[layout_.head_offset + i] = -w.grad_sum[i] * v.base[i];
+    } else {
+      // Reverse sweep: v_k = v_{k+1} - H_k (alpha * v_{k+1}). Step K-1's support
+      // activations are still in `sup` from the inner loop; earlier ones are recomputed.
+      Scalar* features_grad = head > 0 ? sup.dact[head] : nullptr;
+      if (features_grad)
+        std::memset(features_grad, 0, sizeof(Scalar) * sup.rows * layout_.width(head));
+      const ParamView<const Scalar> u{w.direction, layout_.head_offset};
+      for (int64_t k = steps - 1; k >= 0; --k) {
+        const ParamView<const Scalar> now = phi(w, k);
+        if (k < steps - 1) {
+          forward(layout_, now, sup, head, layers);
+          loss(sup, sup_y, true, nullptr);
+          backward(layout_, now, sup, head, layers, ParamView<Scalar>{nullptr, 0}, false, false);
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < hp; ++i) w.direction[i] = alpha[i] * v.base[i];
+        if (lr_row) {  // dL/dalpha = -sum_k g_k * v_{k+1}
+          const Scalar* g = w.grads[k];
+#pragma omp simd
+          for (int64_t i = 0; i < hp; ++i) lr_row[layout_.head_offset + i] -= g[i] * v.base[i];
+        }
+        r_forward(layout_, now, u, sup, head, layers);
+        loss_r_delta(spec_.loss, sup.rows, spec_.widths.back(), sup.act[layers], sup.ract[layers],
+                     layout_.width(layers), sup.rdact[layers]);
+        r_backward(layout_, now, u, sup, head, layers, v, Scalar(-1), features_grad, Scalar(-1));
+      }
+    }
+
+    // ANIL: the body's gradient through the query features and (second order) through
+    // the support features' effect on every inner step.
+    if (head > 0) {
+      const ParamView<Scalar> body{row, 0};
+      backward(layout_, theta, qry, 0, head, body, false, false);
+      if (second_order_) backward(layout_, theta, sup, 0, head, body, true, false);
+    }
+  }
+
+  // out[p] = mean_t rows[t, p], summed in task order for every p (thread-count independent).
+  void mean_over_tasks(const Scalar* rows, Scalar* out) const {
+    constexpr int64_t kChunk = 1024;
+    const int64_t pp = layout_.padded_size, tasks = args_.tasks;
+    const int64_t chunks = (pp + kChunk - 1) / kChunk;
+    const Scalar inv = Scalar(1) / Scalar(tasks);
+#pragma omp parallel for num_threads(num_threads_) schedule(static) if (chunks > 8)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(pp, begin + kChunk);
+      std::memcpy(out + begin, rows + begin, sizeof(Scalar) * (end - begin));
+      for (int64_t t = 1; t < tasks; ++t) {
+        const Scalar* r = rows + t * pp;
+#pragma omp simd
+        for (int64_t p = begin; p < end; ++p) out[p] += r[p];
+      }
+#pragma omp simd
+      for (int64_t p = begin; p < end; ++p) out[p] *= inv;
+    }
+  }
+
+  const MlpSpec& spec_;
+  const MlpLayout<Scalar> layout_;
+  const MetaStepArgs<Scalar>& args_;
+  const int num_threads_;
+  bool reptile_ = false, need_grad_ = false, second_order_ = false, meta_sgd_ = false;
+  int64_t history_ = 1;
+  Scalar *theta_ = nullptr, *alpha_ = nullptr, *mean_ = nullptr;
+  Scalar *grad_rows_ = nullptr, *lr_rows_ = nullptr;
+  std::vector<ThreadWorkspace<Scalar>> threads_;
+};
+
+template <typename Scalar>
+void run_meta_step(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, Arena& arena) {
+#ifdef _OPENMP
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), args.tasks)));
+#else
+  const int threads = 1;
+#endif
+  MetaStep<Scalar> step(spec, args, threads);
+  const std::size_t bytes = step.carve(nullptr);
+  step.carve(arena.prepare(bytes, step.plan()));
+  step.run();
+}
+
+}  // namespace
+
+void meta_step(const MlpSpec& spec, const MetaStepArgs<float>& args, Arena& arena) {
+  run_meta_step(spec, args, arena);
+}
+void meta_step(const MlpSpec& spec, const MetaStepArgs<double>& args, Arena& arena) {
+  run_meta_step(spec, args, arena);
+}
+
+}  // namespace FASTMETA_ISA
+}  // namespace fastmeta

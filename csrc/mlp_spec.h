@@ -1,0 +1,77 @@
+// What the MLP engine is asked to do: the model (a stack of Linear layers, each followed
+// by an activation), the loss, the algorithm, and the raw input/output pointers of one
+// meta-step. Nothing here depends on the instruction set the engine is compiled for.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastmeta {
+
+enum class Activation : int { identity = 0, relu = 1, tanh = 2, sigmoid = 3 };
+enum class Loss : int { mse = 0, cross_entropy = 1 };
+
+// second_order: MAML's exact meta-gradient (and Meta-SGD's, and ANIL's);
+// first_order: the same without the Hessian terms; reptile: the inner loop only.
+enum class Algorithm : int { second_order = 0, first_order = 1, reptile = 2 };
+
+struct MlpSpec {
+  std::vector<int64_t> widths;          // L + 1: the input width, then each layer's output
+  std::vector<Activation> activations;  // L: the activation after each Linear layer
+  std::vector<bool> has_bias;           // L
+  int64_t head = 0;                     // first adapted layer: 0, or > 0 for ANIL
+  Loss loss = Loss::mse;
+
+  int64_t num_layers() const { return static_cast<int64_t>(activations.size()); }
+
+  // Parameters in nn.Linear order (weight [out, in] row-major, then bias [out]), layer by
+  // layer: the flat layout P of the user's parameters.
+  int64_t num_params() const {
+    int64_t total = 0;
+    for (int64_t l = 0; l < num_layers(); ++l)
+      total += widths[l + 1] * widths[l] + (has_bias[l] ? widths[l + 1] : 0);
+    return total;
+  }
+
+  int64_t num_tensors() const {
+    int64_t total = 0;
+    for (bool b : has_bias) total += b ? 2 : 1;
+    return total;
+  }
+
+  void validate() const {
+    const auto fail = [](const std::string& why) { throw std::invalid_argument("MlpSpec: " + why); };
+    if (activations.empty()) fail("the model needs at least one Linear layer");
+    if (widths.size() != activations.size() + 1) fail("widths must have one more entry than activations");
+    if (has_bias.size() != activations.size()) fail("has_bias must have one entry per layer");
+    for (int64_t w : widths)
+      if (w < 1) fail("every width must be positive");
+    if (head < 0 || head >= num_layers()) fail("head must name one of the layers");
+  }
+};
+
+// One meta-step over T tasks. Inputs are C-contiguous: support_x [T, S, in], query_x
+// [T, Q, in]; targets [T, S * out] (mse, Scalar) or [T, S] (cross_entropy, int64).
+template <typename Scalar>
+struct MetaStepArgs {
+  std::vector<const Scalar*> params;  // one pointer per parameter tensor, nn.Linear order
+  std::vector<const Scalar*> lrs;     // Meta-SGD's per-parameter rates; empty: `lr` for all
+  Scalar lr = 0;
+  Algorithm algorithm = Algorithm::second_order;
+  int64_t tasks = 0, support = 0, query = 0, inner_steps = 0;
+  const Scalar* support_x = nullptr;
+  const void* support_y = nullptr;
+  const Scalar* query_x = nullptr;  // unused by reptile
+  const void* query_y = nullptr;
+  bool need_grad = true;  // false: losses (and adapted weights) only, no meta-gradient
+
+  Scalar* query_loss = nullptr;      // [T]
+  Scalar* query_accuracy = nullptr;  // [T], cross_entropy only; may be null
+  Scalar* support_loss = nullptr;    // [T, K]: each task's mean support loss before step k
+  Scalar* grad = nullptr;            // [P]: mean meta-gradient; reptile: theta - mean phi_K
+  Scalar* lr_grad = nullptr;         // [P]: Meta-SGD's rate gradient; may be null
+  Scalar* adapted = nullptr;         // [T, P]: every task's phi_K; may be null
+};
+
+}  // namespace fastmeta

@@ -1,0 +1,205 @@
+// The two small matrix-product kernels every pass of the MLP engine is built from.
+//
+// Matrices are row-major with rows padded to whole vectors (the padding holds zeros),
+// so the vectorised dimension never needs a scalar tail. Each kernel takes up to two
+// operand pairs summed into the same output, because the R-operator's products come in
+// pairs (R{x} W^T + x U^T, R{d} W + d U, R{d}^T x + d^T R{x}): one pass over the output.
+//
+//   dot form   C[r, c]  = bias[c] + sum_p sum_i A_p[r, i] * B_p[c, i]
+//              (y = x W^T: both operands are read along their rows, reduced per output)
+//   axpy form  C[r, :] (+)= scale * sum_p sum_k a_p(r, k) * B_p[k, :]
+//              (d W and d^T x: a scalar of A times a row of B, accumulated in registers)
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace fastmeta {
+namespace FASTMETA_ISA {
+
+// Register blocking: an RB x CB tile of accumulators (CB counted in vectors for the
+// axpy form, in outputs for the dot form) that fits the register file with room for the
+// operands it streams.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 4, kTileCols = 4;
+#else
+constexpr int kTileRows = 4, kTileCols = 2;
+#endif
+
+template <typename Scalar>
+struct DotOperand {
+  const Scalar* a;  // [rows, depth], row stride lda
+  int64_t lda;
+  const Scalar* b;  // [cols, depth], row stride ldb
+  int64_t ldb;
+};
+
+template <typename Scalar>
+struct AxpyOperand {
+  const Scalar* a;  // a(r, k) = a[r * a_row + k * a_depth]: A or A^T without a copy
+  int64_t a_row, a_depth;
+  const Scalar* b;  // [depth, cols], row stride ldb
+  int64_t ldb;
+};
+
+namespace detail {
+
+template <typename Scalar, int RB, int CB>
+inline void dot_tile(const DotOperand<Scalar>* ops, int num_ops, int64_t depth_padded,
+                     const Scalar* bias, Scalar* c, int64_t ldc) {
+  using S = Simd<Scalar>;
+  typename S::Vec acc[RB][CB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) acc[r][j] = S::zero();
+  for (int p = 0; p < num_ops; ++p) {
+    const Scalar* a = ops[p].a;
+    const Scalar* b = ops[p].b;
+    for (int64_t i = 0; i < depth_padded; i += S::kLanes) {
+      typename S::Vec bv[CB];
+      for (int j = 0; j < CB; ++j) bv[j] = S::load(b + j * ops[p].ldb + i);
+      for (int r = 0; r < RB; ++r) {
+        const typename S::Vec av = S::load(a + r * ops[p].lda + i);
+        for (int j = 0; j < CB; ++j) acc[r][j] += av * bv[j];
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j)
+      c[r * ldc + j] = S::sum(acc[r][j]) + (bias ? bias[j] : Scalar(0));
+}
+
+template <typename Scalar, int RB, int CB>
+inline void axpy_tile(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth,
+                      Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
+  using S = Simd<Scalar>;
+  typename S::Vec acc[RB][CB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) acc[r][j] = S::zero();
+  for (int p = 0; p < num_ops; ++p) {
+    const AxpyOperand<Scalar>& op = ops[p];
+    for (int64_t k = 0; k < depth; ++k) {
+      typename S::Vec bv[CB];
+      const Scalar* brow = op.b + k * op.ldb;
+      for (int j = 0; j < CB; ++j) bv[j] = S::load(brow + j * S::kLanes);
+      const Scalar* acol = op.a + k * op.a_depth;
+      for (int r = 0; r < RB; ++r) {
+        const typename S::Vec av = S::broadcast(acol[r * op.a_row]);
+        for (int j = 0; j < CB; ++j) acc[r][j] += av * bv[j];
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int j = 0; j < CB; ++j) {
+      Scalar* out = c + r * ldc + j * S::kLanes;
+      typename S::Vec v = acc[r][j] * S::broadcast(scale);
+      if (accumulate) v += S::load(out);
+      S::store(out, v);
+    }
+  }
+}
+
+// Calls Tile<RB, CB> with the run-time tile size (rb, cb) <= (kTileRows, kTileCols).
+template <template <int, int> class Tile, int RB = kTileRows>
+struct TileSwitch {
+  template <typename... Args>
+  static inline void run(int rb, int cb, Args&&... args) {
+    if (rb == RB) return dispatch_cols<kTileCols>(cb, args...);
+    if constexpr (RB > 1) TileSwitch<Tile, RB - 1>::run(rb, cb, args...);
+  }
+  template <int CB, typename... Args>
+  static inline void dispatch_cols(int cb, Args&&... args) {
+    if (cb == CB) return Tile<RB, CB>::run(args...);
+    if constexpr (CB > 1) dispatch_cols<CB - 1>(cb, args...);
+  }
+};
+
+template <typename Scalar>
+struct DotTile {
+  template <int RB, int CB>
+  struct Of {
+    static inline void run(const DotOperand<Scalar>* ops, int num_ops, int64_t depth_padded,
+                           const Scalar* bias, Scalar* c, int64_t ldc) {
+      dot_tile<Scalar, RB, CB>(ops, num_ops, depth_padded, bias, c, ldc);
+    }
+  };
+};
+
+template <typename Scalar>
+struct AxpyTile {
+  template <int RB, int CB>
+  struct Of {
+    static inline void run(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth,
+                           Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
+      axpy_tile<Scalar, RB, CB>(ops, num_ops, depth, scale, accumulate, c, ldc);
+    }
+  };
+};
+
+}  // namespace detail
+
+// C[r, c] = bias[c] + sum_p sum_i A_p[r, i] B_p[c, i] for r < rows, c < cols (C's padding
+// columns are left alone). depth is the true inner width, depth_padded its padded width.
+template <typename Scalar>
+void gemm_dot(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
+              const DotOperand<Scalar>* ops, int num_ops, const Scalar* bias, Scalar* c,
+              int64_t ldc) {
+  if (depth <= 2) {
+    // A reduction over one or two numbers wastes a whole vector and its horizontal sum:
+    // scalar code is faster (the sinusoid MLP's first layer has depth 1).
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t o = 0; o < cols; ++o) {
+        Scalar s = bias ? bias[o] : Scalar(0);
+        for (int p = 0; p < num_ops; ++p)
+          for (int64_t i = 0; i < depth; ++i)
+            s += ops[p].a[r * ops[p].lda + i] * ops[p].b[o * ops[p].ldb + i];
+        c[r * ldc + o] = s;
+      }
+    }
+    return;
+  }
+  using Switch = detail::TileSwitch<detail::DotTile<Scalar>::template Of>;
+  DotOperand<Scalar> shifted[2];
+  // Output-column tiles outermost: each tile's rows of B stay in L1 while every row of A
+  // streams past them.
+  for (int64_t c0 = 0; c0 < cols; c0 += kTileCols) {
+    const int cb = static_cast<int>(std::min<int64_t>(kTileCols, cols - c0));
+    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+      const int rb = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+      for (int p = 0; p < num_ops; ++p) {
+        shifted[p] = {ops[p].a + r0 * ops[p].lda, ops[p].lda, ops[p].b + c0 * ops[p].ldb,
+                      ops[p].ldb};
+      }
+      Switch::run(rb, cb, shifted, num_ops, depth_padded, bias ? bias + c0 : nullptr,
+                  c + r0 * ldc + c0, ldc);
+    }
+  }
+}
+
+// C[r, :] = (accumulate ? C[r, :] : 0) + scale * sum_p sum_k a_p(r, k) B_p[k, :] over
+// cols_padded columns (a multiple of the vector width; B's padding columns hold zeros).
+template <typename Scalar>
+void gemm_axpy(int64_t rows, int64_t cols_padded, int64_t depth, const AxpyOperand<Scalar>* ops,
+               int num_ops, Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
+  using S = Simd<Scalar>;
+  using Switch = detail::TileSwitch<detail::AxpyTile<Scalar>::template Of>;
+  const int64_t col_vectors = cols_padded / S::kLanes;
+  AxpyOperand<Scalar> shifted[2];
+  // Column panels outermost: the panel of every B (depth x a few vectors) stays in L1
+  // while the row tiles of A pass over it.
+  for (int64_t v0 = 0; v0 < col_vectors; v0 += kTileCols) {
+    const int cb = static_cast<int>(std::min<int64_t>(kTileCols, col_vectors - v0));
+    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+      const int rb = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+      for (int p = 0; p < num_ops; ++p) {
+        shifted[p] = {ops[p].a + r0 * ops[p].a_row, ops[p].a_row, ops[p].a_depth,
+                      ops[p].b + v0 * S::kLanes, ops[p].ldb};
+      }
+      Switch::run(rb, cb, shifted, num_ops, depth, scale, accumulate,
+                  c + r0 * ldc + v0 * S::kLanes, ldc);
+    }
+  }
+}
+
+}  // namespace FASTMETA_ISA
+}  // namespace fastmeta

@@ -1,0 +1,223 @@
+"""The compiled CPU engine for MLPs: MAML (second- and first-order), Meta-SGD, ANIL and
+Reptile meta-steps for an ``nn.Sequential`` of ``Linear`` layers and element-wise
+activations, all tasks of a meta-batch in one call into ``fastmeta._core``.
+
+The engine computes the meta-gradient itself (no autograd graph); :func:`meta_loss` hands
+it back to autograd, so ``loss.backward()`` fills ``.grad`` exactly as with the reference
+engine. Inputs are validated by :mod:`fastmeta.checks` before they get here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta import backends
+from fastmeta.functional import flatten_sequential
+from fastmeta.losses import check_finite
+from fastmeta.precomputed import with_gradient
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """An MLP as the engine sees it: Linear layers ``widths[i] -> widths[i + 1]``, each
+    followed by ``activations[i]`` ("identity" when none)."""
+    widths: tuple[int, ...]
+    activations: tuple[str, ...]
+    has_bias: tuple[bool, ...]
+    flattens_input: bool  # the model starts with nn.Flatten: inputs [T, N, *in] are flattened
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.activations)
+
+
+def mlp_spec(model: nn.Module) -> MlpSpec | str:
+    """The engine's spec of ``model``, or a reason string when the engine cannot run it.
+
+    Accepted: a (possibly nested) ``nn.Sequential`` of ``nn.Linear``, ``nn.ReLU``,
+    ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.Identity``, with at most one activation after each
+    Linear layer and an optional leading ``nn.Flatten()``.
+    """
+    layers = flatten_sequential(model)
+    if layers is None:
+        return f"{type(model).__name__} is not an nn.Sequential"
+    layers = [layer for layer in layers if type(layer) is not nn.Identity]
+    flattens = False
+    while layers and type(layers[0]) is nn.Flatten:
+        if (layers[0].start_dim, layers[0].end_dim) != (1, -1):
+            return "nn.Flatten with start_dim != 1 or end_dim != -1"
+        flattens = True
+        layers = layers[1:]
+    widths, activations, has_bias = [], [], []
+    for layer in layers:
+        kind = type(layer)
+        if kind is nn.Linear:
+            if widths and widths[-1] != layer.in_features:
+                return f"Linear layers of mismatched widths ({widths[-1]} -> {layer.in_features})"
+            if not widths:
+                widths.append(layer.in_features)
+            widths.append(layer.out_features)
+            activations.append("identity")
+            has_bias.append(layer.bias is not None)
+        elif kind in _ACTIVATIONS:
+            if not activations:
+                return f"an activation ({kind.__name__}) before the first Linear layer"
+            if activations[-1] != "identity":
+                return f"two activations in a row ({activations[-1]}, {kind.__name__})"
+            activations[-1] = _ACTIVATIONS[kind]
+        else:
+            return f"unsupported layer {kind.__name__}"
+    if not activations:
+        return "the model has no Linear layer"
+    return MlpSpec(tuple(widths), tuple(activations), tuple(has_bias), flattens)
+
+
+@dataclass
+class EngineResult:
+    """What one engine call returns (per-task values are ``[T]``, detached)."""
+    query_losses: Tensor | None      # [T] (None for Reptile)
+    query_accuracies: Tensor | None  # [T] (cross-entropy only)
+    support_losses: Tensor           # [T, K]: mean support loss before each inner step
+    grads: list[Tensor] | None       # dL/dtheta per parameter (mean over tasks); Reptile: theta - mean phi_K
+    lr_grads: list[Tensor] | None    # Meta-SGD: dL/d(inner rates) per parameter
+    adapted: Tensor | None           # [T, P]: phi_K of every task, flat, when asked for
+
+
+class CompiledMLP:
+    """The engine for one model: its spec, the adapted layers and the compiled engine
+    (which keeps its scratch memory between calls). Build once, call every step."""
+
+    def __init__(self, model: nn.Module, loss: str, adapted: Sequence[bool] | None = None):
+        self.model = model
+        self.loss = loss
+        spec = mlp_spec(model)
+        self.reason: str | None = spec if isinstance(spec, str) else None
+        self.spec: MlpSpec | None = None if isinstance(spec, str) else spec
+        self._engine = None
+        if self.spec is None:
+            return
+        params = list(model.parameters())
+        self.numels = [p.numel() for p in params]
+        self.num_params = sum(self.numels)
+        self.head = 0
+        if adapted is not None and not all(adapted):
+            head = _head_layer(self.spec, list(adapted))
+            if isinstance(head, str):
+                self.reason, self.spec = head, None
+                return
+            self.head = head
+
+    def __getstate__(self):  # the compiled engine (and its scratch memory) is not copied
+        return {**self.__dict__, "_engine": None}
+
+    def engine(self):
+        if self._engine is None:
+            spec = self.spec
+            self._engine = backends.core().MlpEngine(list(spec.widths), list(spec.activations),
+                                                     list(spec.has_bias), self.head, self.loss)
+        return self._engine
+
+    def input_reason(self, x: Tensor) -> str | None:
+        """None when the engine takes inputs shaped like ``x``, else why not."""
+        if x.dtype not in _DTYPES:
+            return f"the compiled engine runs float32 and float64, not {x.dtype}"
+        if self.spec.flattens_input:
+            features = x[0, 0].numel() if x.dim() > 2 else 1
+        elif x.dim() != 3:
+            return f"inputs of shape {tuple(x.shape)} (the MLP engine takes [tasks, samples, features])"
+        else:
+            features = x.shape[2]
+        if features != self.spec.widths[0]:
+            return f"inputs with {features} features for a first Linear layer of {self.spec.widths[0]}"
+        return None
+
+    def run(self, params: Sequence[Tensor], lrs: float | Sequence[Tensor], steps: int,
+            algorithm: str, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
+            query_y: Tensor | None = None, need_grad: bool = True,
+            want_adapted: bool = False) -> EngineResult:
+        """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
+        ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
+        dtype = support_x.dtype
+        num_tasks = support_x.shape[0]
+        arrays = [_array(p) for p in params]
+        meta_sgd = not isinstance(lrs, (int, float))
+        lr_arg = [_array(r) for r in lrs] if meta_sgd else float(lrs)
+        sx, sy = self._inputs(support_x, support_y)
+        support_losses = torch.empty(num_tasks, steps, dtype=dtype)
+        query = algorithm != "reptile"
+        if query:
+            qx, qy = self._inputs(query_x, query_y)
+            query_losses = torch.empty(num_tasks, dtype=dtype)
+            accuracies = torch.empty(num_tasks, dtype=dtype) if self.loss == "cross_entropy" else None
+        else:
+            qx = qy = query_losses = accuracies = None
+        grad_flat = torch.empty(self.num_params, dtype=dtype) if need_grad or not query else None
+        lr_flat = torch.empty(self.num_params, dtype=dtype) if meta_sgd and need_grad else None
+        adapted = torch.empty(num_tasks, self.num_params, dtype=dtype) if want_adapted else None
+        self.engine().meta_step(
+            arrays, lr_arg, algorithm, steps, sx, sy, qx, qy, need_grad,
+            support_losses.numpy(), _out(query_losses), _out(accuracies), _out(grad_flat),
+            _out(lr_flat), _out(adapted))
+        return EngineResult(query_losses, accuracies, support_losses,
+                            self._split(grad_flat, params), self._split(lr_flat, params), adapted)
+
+    def _inputs(self, x: Tensor, y: Tensor):
+        num_tasks, num_samples = x.shape[0], x.shape[1]
+        x = x.detach()
+        if x.dim() != 3:
+            x = x.reshape(num_tasks, num_samples, -1)
+        if self.loss == "mse":  # the reference engine reshapes targets to the output's shape
+            out = self.spec.widths[-1]
+            if y.numel() != num_tasks * num_samples * out:
+                raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output "
+                                 f"has shape {(num_tasks, num_samples, out)}")
+            y = y.detach().reshape(num_tasks, num_samples, out)
+        return _array(x), _array(y)
+
+    def _split(self, flat: Tensor | None, like: Sequence[Tensor]) -> list[Tensor] | None:
+        if flat is None:
+            return None
+        return [g.view(p.shape) for g, p in zip(flat.split(self.numels), like)]
+
+
+def meta_loss(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """``value`` as a scalar whose backward puts ``grads`` into ``params``' ``.grad``."""
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+        return value
+    return with_gradient(value, params, grads)
+
+
+def check_finite_steps(losses: Tensor, what: str) -> None:
+    """``check_finite`` on each column of ``[T, K]`` losses in step order, as the reference
+    engine checks each inner step (one fast test when all are finite)."""
+    if not bool(torch.isfinite(losses).all()):
+        for k in range(losses.shape[1]):
+            check_finite(losses[:, k], what)
+
+
+def _head_layer(spec: MlpSpec, adapted: list[bool]) -> int | str:
+    """The first adapted Linear layer when exactly the layers from it on adapt."""
+    layer_of = []  # parameter index -> layer index
+    for layer, bias in enumerate(spec.has_bias):
+        layer_of += [layer] * (2 if bias else 1)
+    for head in range(1, spec.num_layers):
+        if all(adapted[i] == (layer_of[i] >= head) for i in range(len(adapted))):
+            return head
+    return "the adapted parameters are not the last Linear layers of the MLP"
+
+
+def _array(t: Tensor):
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def _out(t: Tensor | None):
+    return None if t is None else t.numpy()

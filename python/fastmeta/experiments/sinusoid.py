@@ -1,0 +1,747 @@
+"""The MAML paper's sinusoid regression experiment (Finn et al. 2017, section 5.1).
+
+Meta-trains an MLP ``1-40-40-1`` (ReLU) on tasks ``y = A sin(x - phase)`` with K support
+and K query points per task, then evaluates on new tasks: the mean squared error on 100
+query points per task after 0, 1 and 10 adaptation steps on K = 5, 10, 20 support points,
+beside the paper's baseline, the same network pretrained by plain regression on all tasks
+and then fine-tuned on each task.
+
+``train(config)`` runs it end to end (``fastmeta train sinusoid`` on the command line);
+``evaluate(algorithm)`` evaluates any trained algorithm wrapper.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import torch
+from torch import Tensor, nn
+
+import fastmeta
+from fastmeta import checkpoint as ckpt
+from fastmeta.data.sinusoid import Sinusoid, SinusoidTasks
+from fastmeta.functional import TaskBatchedModel
+from fastmeta.losses import per_task_loss
+from fastmeta.stats import format_ci, mean_ci
+
+NAME = "sinusoid"
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+LAYERS = (1, 40, 40, 1)
+
+#: default run options; ``inner_steps=None`` means 1, or 5 for Reptile
+DEFAULTS: dict[str, Any] = {
+    "algorithm": "maml",
+    "iterations": 20000,
+    "meta_batch": 25,
+    "shots": 10,
+    "inner_lr": 0.01,
+    "inner_steps": None,
+    "outer_lr": 1e-3,
+    "seed": 0,
+    "device": "cpu",
+    "backend": "auto",
+    "output": None,          # runs/sinusoid-<algorithm>
+    "eval_tasks": 600,
+    "log_every": 100,
+    "checkpoint_every": 1000,
+    "baseline_steps": 5000,
+}
+
+# Evaluation protocol.
+EVAL_SHOTS = (5, 10, 20)
+EVAL_STEPS = (0, 1, 10)
+QUERY_POINTS = 100
+BASELINE_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
+VALIDATION_TASKS = 200
+# Seed streams, apart from the training stream (Sinusoid(seed=config["seed"])): the test
+# tasks are the same for every run (so runs compare on one test set); the validation tasks
+# (for the baseline's step size) and the baseline's pretraining tasks are separate again.
+TEST_SEED = 1_000_003
+VALIDATION_SEED = 2_000_003
+BASELINE_SEED_OFFSET = 3_000_003
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+ADAPTATION_PLOT = "sinusoid_adaptation.png"
+LEARNING_CURVE_PLOT = "learning_curve.png"
+
+# Options that define the run; resuming with a different value is an error.
+RUN_OPTIONS = ("algorithm", "meta_batch", "shots", "inner_lr", "inner_steps", "outer_lr", "seed",
+               "backend", "log_every", "checkpoint_every")
+
+
+# Configuration ------------------------------------------------------------------------------
+def make_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The full run configuration: ``options`` over :data:`DEFAULTS` (``None`` = default)."""
+    config = dict(DEFAULTS)
+    config.update({k: v for k, v in options.items() if v is not None and k in DEFAULTS})
+    config["dataset"] = NAME
+    if config["algorithm"] not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {config['algorithm']!r}; choose from {', '.join(ALGORITHMS)}")
+    if config["inner_steps"] is None:
+        config["inner_steps"] = 5 if config["algorithm"] == "reptile" else 1
+    if config["output"] is None:
+        config["output"] = os.path.join("runs", f"{NAME}-{config['algorithm']}")
+    config["output"] = str(config["output"])
+    for key in ("iterations", "meta_batch", "shots", "inner_steps", "eval_tasks", "log_every",
+                "checkpoint_every", "baseline_steps"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
+    for key in ("inner_lr", "outer_lr"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"{key.replace('_', '-')} must be a positive number, got {value!r}")
+        config[key] = float(value)
+    return config
+
+
+def build(config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """The MLP and its algorithm wrapper, on ``config["device"]``. The weights come from
+    torch's global RNG (seed it first for a reproducible run)."""
+    device = torch.device(config["device"])
+    model = fastmeta.models.mlp(list(LAYERS)).to(device)
+    name, lr, steps, backend = (config["algorithm"], config["inner_lr"], config["inner_steps"],
+                                config["backend"])
+    if name == "maml":
+        wrapper = fastmeta.MAML(model, lr, steps, first_order=False, backend=backend)
+    elif name == "fomaml":
+        wrapper = fastmeta.MAML(model, lr, steps, first_order=True, backend=backend)
+    elif name == "metasgd":
+        wrapper = fastmeta.MetaSGD(model, inner_lr_init=lr, inner_steps=steps, backend=backend)
+    elif name == "anil":
+        wrapper = fastmeta.ANIL(model, inner_lr=lr, inner_steps=steps, backend=backend)
+    elif name == "reptile":
+        wrapper = fastmeta.Reptile(model, lr, steps, backend=backend)
+    else:
+        raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
+    return model, wrapper.to(device)
+
+
+def meta_loss(wrapper: nn.Module, tasks: SinusoidTasks) -> Tensor:
+    """One meta-batch's training loss (its ``backward`` gives the meta-gradient)."""
+    if isinstance(wrapper, fastmeta.Reptile):
+        return wrapper(tasks.support_x, tasks.support_y)
+    return wrapper(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+
+
+def adaptation_note(config: dict[str, Any]) -> str:
+    name, lr = config["algorithm"], config["inner_lr"]
+    if name == "metasgd":
+        return "adapts with its learned per-weight step sizes"
+    if name == "anil":
+        return f"adapts the last layer only, SGD step size {lr:g}"
+    return f"adapts all weights with SGD, step size {lr:g}"
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Runs torch on one intra-op thread: the 1-40-40-1 network is far too small to gain from
+    more, and on a busy machine extra threads cost several times their worth in waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_threaded(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with single_thread():
+            return function(*args, **kwargs)
+    return wrapper
+
+
+# Training -----------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a log line every ``interval`` seconds."""
+
+    def __init__(self, total: int, initial: int, meta_batch: int, quiet: bool, stream: TextIO,
+                 interval: float = 15.0):
+        self.total, self.meta_batch, self.quiet, self.stream = total, meta_batch, quiet, stream
+        self.interval = interval
+        self.bar = None
+        self.last_line = time.monotonic()
+        self.start = time.monotonic()
+        self.start_iteration = initial
+        if not quiet and hasattr(stream, "isatty") and stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, file=stream, unit="it",
+                            dynamic_ncols=True, desc="meta-training", smoothing=0.05)
+
+    def update(self, iteration: int, count: int, loss: float | None, tasks_per_second: float | None):
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.update(count)
+            if loss is not None:
+                self.bar.set_postfix({"loss": f"{loss:.4f}", "tasks/s": f"{tasks_per_second:,.0f}"},
+                                     refresh=False)
+            return
+        now = time.monotonic()
+        if loss is not None and (now - self.last_line >= self.interval or iteration == self.total):
+            self.last_line = now
+            done = iteration - self.start_iteration
+            rate = done / max(now - self.start, 1e-9)
+            eta = (self.total - iteration) / rate if rate > 0 else float("nan")
+            print(f"fastmeta: iteration {iteration}/{self.total}  loss {loss:.4f}  "
+                  f"{tasks_per_second:,.0f} tasks/s  eta {eta:.0f}s", file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _rewrite_metrics(path: Path, up_to: int) -> None:
+    """Drops metric lines past ``up_to`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= up_to:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+@_single_threaded
+def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
+          evaluate_after: bool = True, stream: TextIO | None = None,
+          results_stream: TextIO | None = None, explicit: Sequence[str] = ()) -> dict[str, Any]:
+    """Meta-trains ``config["algorithm"]`` on sinusoid tasks, checkpointing to
+    ``<output>/checkpoint.pt`` and logging to ``<output>/metrics.jsonl``; then (unless
+    ``evaluate_after`` is False) evaluates, writes ``results.json`` and the plots, and prints
+    the results table to ``results_stream`` (stdout by default).
+
+    ``resume=True`` continues from the checkpoint in ``<output>`` up to
+    ``config["iterations"]``; the final weights are bit-identical to an uninterrupted run's.
+    The run's other options come from the checkpoint; those named in ``explicit`` (the
+    options the user gave) must agree with it.
+    Returns the results (or, without evaluation, ``{"iteration": ..., "output": ...}``).
+    """
+    stream = sys.stderr if stream is None else stream
+    results_stream = sys.stdout if results_stream is None else results_stream
+    output = Path(config["output"])
+    checkpoint_path = output / ckpt.FILENAME
+    metrics_path = output / METRICS_FILE
+    state = None
+    if resume:
+        state = ckpt.load(checkpoint_path)
+        config = _merge_resumed(state, config, explicit)
+    output.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config["seed"])
+    model, wrapper = build(config)
+    optimizer = torch.optim.Adam(wrapper.parameters(), lr=config["outer_lr"])
+    sampler = Sinusoid(k_shot=config["shots"], q_query=config["shots"], seed=config["seed"])
+    device = torch.device(config["device"])
+
+    start, elapsed = 0, 0.0
+    window = [0.0, 0, 0.0]  # loss sum, iterations, seconds since the last metrics line
+    if state is not None:
+        wrapper.load_state_dict(state["algorithm"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, elapsed = int(state["iteration"]), float(state["elapsed"])
+        window = [float(state["window"][0]), int(state["window"][1]), float(state["window"][2])]
+        _rewrite_metrics(metrics_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+
+    def save(iteration: int) -> None:
+        ckpt.save(checkpoint_path, {
+            "config": config,
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "algorithm": wrapper.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state(),
+            "torch_rng": torch.get_rng_state(),
+            "window": list(window),
+            "elapsed": elapsed,
+            "fastmeta_version": fastmeta.__version__,
+        })
+
+    total = config["iterations"]
+    if start > total and not quiet:
+        print(f"fastmeta: the checkpoint is at iteration {start}, past --iterations {total}; "
+              "not training further", file=stream, flush=True)
+    progress = _Progress(total, min(start, total), config["meta_batch"], quiet, stream)
+    log_every, checkpoint_every = config["log_every"], config["checkpoint_every"]
+    last_loss, last_rate, pending = None, None, 0
+    try:
+        with open(metrics_path, "a") as metrics:
+            tick = time.perf_counter()
+            for iteration in range(start + 1, total + 1):
+                tasks = sampler.sample(config["meta_batch"], device=device)
+                loss = meta_loss(wrapper, tasks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the meta-training loss is {value} at iteration "
+                                             f"{iteration}; try a smaller --outer-lr or --inner-lr")
+                now = time.perf_counter()
+                window[0] += value
+                window[1] += 1
+                window[2] += now - tick
+                elapsed += now - tick
+                tick = now
+                pending += 1
+                if iteration % log_every == 0 or iteration == total:
+                    last_loss = window[0] / window[1]
+                    last_rate = window[1] * config["meta_batch"] / max(window[2], 1e-9)
+                    record = {"iteration": iteration, "loss": last_loss,
+                              "tasks_per_second": last_rate, "elapsed": elapsed}
+                    if isinstance(wrapper, fastmeta.MetaSGD):
+                        record["mean_inner_lr"] = float(torch.cat(
+                            [p.detach().reshape(-1) for p in wrapper.inner_lrs]).mean())
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    window = [0.0, 0, 0.0]
+                if iteration % checkpoint_every == 0 or iteration == total:
+                    metrics.flush()
+                    save(iteration)
+                    tick = time.perf_counter()  # checkpoint time is not training time
+                if pending >= 25 or iteration == total:
+                    progress.update(iteration, pending, last_loss, last_rate)
+                    pending = 0
+    finally:
+        progress.close()
+    final_iteration = max(start, total)
+    if state is not None and start >= total:
+        pass  # nothing trained: the checkpoint is already final
+    elif not quiet:
+        print(f"fastmeta: trained {total - start} iterations in {elapsed:.1f}s of training "
+              f"time; checkpoint {checkpoint_path}", file=stream, flush=True)
+    if not evaluate_after:
+        return {"iteration": final_iteration, "output": str(output)}
+
+    eval_start = time.perf_counter()
+    results = evaluate(wrapper, num_tasks=config["eval_tasks"], device=device,
+                       baseline_steps=config["baseline_steps"],
+                       baseline_seed=config["seed"] + BASELINE_SEED_OFFSET,
+                       plot_path=output / ADAPTATION_PLOT,
+                       label=config["algorithm"])
+    results.update(run_summary(config, final_iteration, elapsed))
+    results["eval_seconds"] = time.perf_counter() - eval_start
+    write_results(output / RESULTS_FILE, results)
+    plot_learning_curve(metrics_path, output / LEARNING_CURVE_PLOT, title=f"{NAME} {config['algorithm']}")
+    print(format_table(results), file=results_stream, flush=True)
+    print(f"results: {output / RESULTS_FILE}; plots: {output / ADAPTATION_PLOT}, "
+          f"{output / LEARNING_CURVE_PLOT}", file=results_stream, flush=True)
+    return results
+
+
+def _merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequence[str]
+                   ) -> dict[str, Any]:
+    """The checkpoint's run configuration, with the options that may change on resume
+    (iterations, device, eval-tasks, baseline-steps) taken from ``config``."""
+    saved = state.get("config")
+    if not isinstance(saved, dict) or saved.get("dataset") != NAME:
+        raise ckpt.CheckpointError(f"the checkpoint in {config['output']} is not from a "
+                                   f"{NAME} run")
+    for key in RUN_OPTIONS:
+        if key in explicit and config[key] != saved[key]:
+            raise ValueError(f"--resume: --{key.replace('_', '-')} {config[key]} differs from "
+                             f"the checkpoint's {saved[key]}")
+    merged = dict(saved)
+    for key in ("iterations", "device", "eval_tasks", "baseline_steps", "output"):
+        merged[key] = config[key]
+    return merged
+
+
+def run_summary(config: dict[str, Any], iteration: int, elapsed: float) -> dict[str, Any]:
+    return {"dataset": NAME, "algorithm": config["algorithm"], "iterations": iteration,
+            "train_seconds": elapsed,
+            "config": dict(config),
+            "adaptation": adaptation_note(config)}
+
+
+# Evaluation ---------------------------------------------------------------------------------
+def sample_tasks(num_tasks: int, seed: int, device: torch.device | str = "cpu",
+                 max_shots: int = max(EVAL_SHOTS), query_points: int = QUERY_POINTS) -> SinusoidTasks:
+    """Evaluation tasks with ``max_shots`` support points (K-shot uses the first K) and
+    ``query_points`` query points each, from their own seed stream."""
+    return Sinusoid(k_shot=max_shots, q_query=query_points, seed=seed).sample(num_tasks, device=device)
+
+
+def _mse_after_adaptation(adapt: Callable[[Tensor, Tensor, int], Callable[[Tensor], Tensor]],
+                          tasks: SinusoidTasks, shots: Sequence[int], steps: Sequence[int]
+                          ) -> dict[int, dict[int, Tensor]]:
+    """Per-task query MSE ``[T]`` for every K and number of steps."""
+    out: dict[int, dict[int, Tensor]] = {}
+    with torch.no_grad():
+        for k in shots:
+            sx, sy = tasks.support_x[:, :k], tasks.support_y[:, :k]
+            out[k] = {}
+            for s in steps:
+                predict = adapt(sx, sy, s)
+                out[k][s] = per_task_loss("mse", predict(tasks.query_x), tasks.query_y).cpu()
+    return out
+
+
+def _summarise(per_task: dict[int, dict[int, Tensor]]) -> dict[str, dict[str, dict[str, float]]]:
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for k, by_steps in per_task.items():
+        summary[str(k)] = {}
+        for s, losses in by_steps.items():
+            mean, ci = mean_ci(losses)
+            summary[str(k)][str(s)] = {"mse": mean, "ci95": ci}
+    return summary
+
+
+def _finetuned_weights(model: nn.Module, support_x: Tensor, support_y: Tensor,
+                       lr: float | Tensor, steps: Sequence[int]):
+    """Yields ``(steps, fast_weights)`` along plain SGD on every task's support set, for each
+    number of steps in ``steps`` (ascending). ``lr`` is a float or one step size per task."""
+    batched = TaskBatchedModel(model)
+    num_tasks = support_x.shape[0]
+    fast = [p.detach().unsqueeze(0).expand(num_tasks, *p.shape) for p in model.parameters()]
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=support_x.device, dtype=support_x.dtype)
+        lrs = [lr.reshape(-1, *([1] * p.dim())) for p in model.parameters()]
+    else:
+        lrs = [float(lr)] * len(fast)
+    done = 0
+    with torch.enable_grad():
+        for target in sorted(steps):
+            for _ in range(target - done):
+                fast = [w.detach().requires_grad_() for w in fast]
+                losses = per_task_loss("mse", batched(fast, support_x), support_y)
+                grads = torch.autograd.grad(losses.sum(), fast)
+                fast = [w.detach() - a * g for w, a, g in zip(fast, lrs, grads)]
+            done = target
+            yield target, [w.detach() for w in fast]
+
+
+def finetune(model: nn.Module, support_x: Tensor, support_y: Tensor, lr: float | Tensor,
+             steps: int) -> Callable[[Tensor], Tensor]:
+    """Plain SGD fine-tuning of ``model`` on every task's support set (all tasks at once,
+    ``lr`` a float or one step size per task); returns the per-task fine-tuned models.
+    Diverging tasks give non-finite predictions rather than an error."""
+    batched = TaskBatchedModel(model)
+    (_, fast), = _finetuned_weights(model, support_x, support_y, lr, [steps])
+    return lambda x: batched(fast, x)
+
+
+def pretrain_baseline(steps: int = 5000, seed: int = BASELINE_SEED_OFFSET,
+                      device: torch.device | str = "cpu", tasks_per_step: int = 25,
+                      points_per_task: int = 10, lr: float = 1e-3) -> nn.Module:
+    """The paper's "pretrained on all tasks" baseline: the same MLP trained by plain
+    regression (Adam) on points pooled from many random tasks. Leaves torch's global RNG
+    untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = fastmeta.models.mlp(list(LAYERS)).to(device)
+    sampler = Sinusoid(k_shot=points_per_task, q_query=1, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            tasks = sampler.sample(tasks_per_step, device=device)
+            prediction = model(tasks.support_x.reshape(-1, 1))
+            loss = torch.mean((prediction - tasks.support_y.reshape(-1, 1)) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+def _choose_lrs(model: nn.Module, tasks: SinusoidTasks, shots: Sequence[int], steps: Sequence[int],
+                grid: Sequence[float]) -> dict[str, dict[str, float]]:
+    """The grid step size with the lowest mean validation MSE, per K and number of steps
+    (every step size runs at once, as copies of the validation tasks)."""
+    batched = TaskBatchedModel(model)
+    num_tasks, n = tasks.support_x.shape[0], len(grid)
+    lrs = torch.tensor(list(grid), dtype=torch.float64).repeat_interleave(num_tasks)
+    query_x, query_y = tasks.query_x.repeat(n, 1, 1), tasks.query_y.repeat(n, 1, 1)
+    chosen: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for k in shots:
+            chosen[str(k)] = {}
+            sx = tasks.support_x[:, :k].repeat(n, 1, 1)
+            sy = tasks.support_y[:, :k].repeat(n, 1, 1)
+            for s, fast in _finetuned_weights(model, sx, sy, lrs, steps):
+                losses = per_task_loss("mse", batched(fast, query_x), query_y).reshape(n, num_tasks)
+                scores = [float(row.mean()) for row in losses]
+                scores = [v if math.isfinite(v) else math.inf for v in scores]
+                best = min(range(n), key=lambda i: (scores[i], grid[i]))
+                chosen[str(k)][str(s)] = grid[best]
+    return chosen
+
+
+@_single_threaded
+def evaluate(algorithm: nn.Module, num_tasks: int = 600, shots: Sequence[int] = EVAL_SHOTS,
+             steps: Sequence[int] = EVAL_STEPS, query_points: int = QUERY_POINTS,
+             seed: int = TEST_SEED, device: torch.device | str | None = None,
+             baseline: bool = True, baseline_steps: int = 5000,
+             baseline_seed: int = BASELINE_SEED_OFFSET, validation_tasks: int = VALIDATION_TASKS,
+             lr_grid: Sequence[float] = BASELINE_LRS, plot_path: str | os.PathLike | None = None,
+             label: str | None = None) -> dict[str, Any]:
+    """Evaluates a trained algorithm wrapper (``MAML``, ``MetaSGD``, ``ANIL``, ``Reptile``)
+    on ``num_tasks`` new sinusoid tasks.
+
+    For every K in ``shots`` and number of steps in ``steps``, each task adapts with
+    ``algorithm.adapt`` on its first K support points (SGD with the inner step size; Meta-SGD
+    with its learned step sizes; ANIL the head only) and is scored by the mean squared error
+    on ``query_points`` query points. Results are mean MSE over tasks with a 95% confidence
+    interval (``1.96 * std / sqrt(n)``): ``results["algorithm_results"][K][steps]``.
+
+    With ``baseline``, also the pretrained-then-fine-tuned baseline
+    (``results["baseline"]``): :func:`pretrain_baseline`, then SGD fine-tuning whose step
+    size is chosen, per K and number of steps, from ``lr_grid`` on ``validation_tasks``
+    separate validation tasks. ``plot_path`` writes the Figure-2-style plot there.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    shots, steps = tuple(shots), tuple(steps)
+    if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
+        raise ValueError(f"shots must be positive integers, got {shots!r}")
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+        raise ValueError(f"steps must be non-negative integers, got {steps!r}")
+    if device is None:
+        device = next(algorithm.parameters()).device
+    device = torch.device(device)
+    label = label or type(algorithm).__name__.lower()
+    tasks = sample_tasks(num_tasks, seed, device, max(shots), query_points)
+    per_task = _mse_after_adaptation(lambda x, y, s: algorithm.adapt(x, y, s), tasks, shots, steps)
+    results: dict[str, Any] = {
+        "eval_tasks": num_tasks, "query_points": query_points, "shots": list(shots),
+        "steps": list(steps), "test_seed": seed, "label": label,
+        "algorithm_results": _summarise(per_task),
+    }
+    if baseline:
+        pretrained = pretrain_baseline(baseline_steps, baseline_seed, device)
+        validation = sample_tasks(validation_tasks, VALIDATION_SEED, device, max(shots), query_points)
+        chosen = _choose_lrs(pretrained, validation, shots, [s for s in steps if s > 0], lr_grid)
+        baseline_per_task = {k: {} for k in shots}
+        for k in shots:
+            for s in steps:
+                lr = chosen[str(k)][str(s)] if s > 0 else 0.0
+                baseline_per_task[k].update(_mse_after_adaptation(
+                    lambda x, y, n: finetune(pretrained, x, y, lr, n), tasks, [k], [s])[k])
+        results["baseline"] = {
+            "description": "the same MLP pretrained by regression on points pooled from random "
+                           "tasks, then fine-tuned on each task's K points with SGD",
+            "pretrain_steps": baseline_steps, "lr_grid": list(lr_grid),
+            "validation_tasks": validation_tasks, "chosen_lr": chosen,
+            "results": _summarise(baseline_per_task),
+        }
+    if plot_path is not None:
+        plot_adaptation(algorithm, pretrained if baseline else None, tasks, plot_path,
+                        label=label, baseline_lrs=results["baseline"]["chosen_lr"] if baseline else None)
+    return results
+
+
+@_single_threaded
+def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None = None,
+                        eval_tasks: int | None = None, seed: int | None = None,
+                        device: str | None = None, baseline_steps: int | None = None,
+                        results_stream: TextIO | None = None) -> dict[str, Any]:
+    """``fastmeta eval``: rebuilds the checkpoint's model, evaluates it, prints the table and
+    writes ``results.json`` and the adaptation plot to ``output``."""
+    results_stream = sys.stdout if results_stream is None else results_stream
+    config = dict(state["config"])
+    if device is not None:
+        config["device"] = device
+    if eval_tasks is not None:
+        config["eval_tasks"] = eval_tasks
+    if baseline_steps is not None:
+        config["baseline_steps"] = baseline_steps
+    output = Path(config["output"] if output is None else output)
+    output.mkdir(parents=True, exist_ok=True)
+    model, wrapper = build(config)
+    try:
+        wrapper.load_state_dict(state["algorithm"])
+    except (KeyError, RuntimeError) as error:
+        raise ckpt.CheckpointError(f"the checkpoint's weights do not fit a {config['algorithm']} "
+                                   f"{NAME} model ({str(error).splitlines()[0]})") from None
+    start = time.perf_counter()
+    results = evaluate(wrapper, num_tasks=config["eval_tasks"],
+                       seed=TEST_SEED if seed is None else seed, device=config["device"],
+                       baseline_steps=config["baseline_steps"],
+                       baseline_seed=config["seed"] + BASELINE_SEED_OFFSET,
+                       plot_path=output / ADAPTATION_PLOT, label=config["algorithm"])
+    results.update(run_summary(config, int(state["iteration"]), float(state.get("elapsed", 0.0))))
+    results["eval_seconds"] = time.perf_counter() - start
+    write_results(output / RESULTS_FILE, results)
+    print(format_table(results), file=results_stream, flush=True)
+    print(f"results: {output / RESULTS_FILE}; plot: {output / ADAPTATION_PLOT}",
+          file=results_stream, flush=True)
+    return results
+
+
+# Reporting ----------------------------------------------------------------------------------
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(path: str | os.PathLike, results: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a compact text table: MSE ± 95% CI per method, steps and K."""
+    shots = [str(k) for k in results["shots"]]
+    steps = [str(s) for s in results["steps"]]
+    label = results.get("algorithm") or results.get("label", "meta-learned")
+    width = 17
+    lines = []
+    head = f"{NAME}: {label}"
+    if "iterations" in results:
+        head += f", {results['iterations']} meta-training iterations"
+    lines.append(head)
+    lines.append(f"test MSE ± 95% CI over {results['eval_tasks']} new tasks, "
+                 f"{results['query_points']} query points each")
+    lines.append(f"{'method':<26}{'steps':>5}  " + "".join(f"{'K=' + k:<{width}}" for k in shots))
+
+    def rows(name: str, table: dict) -> None:
+        for i, s in enumerate(steps):
+            cells = []
+            for k in shots:
+                cell = table[k][s]
+                mse = cell["mse"]
+                ci = cell["ci95"]
+                cells.append(f"{format_ci(mse if mse is not None else math.nan, math.nan if ci is None else ci):<{width}}")
+            lines.append(f"{(name if i == 0 else ''):<26}{s:>5}  " + "".join(cells))
+
+    rows(label, results["algorithm_results"])
+    if "baseline" in results:
+        rows("pretrained + fine-tuned", results["baseline"]["results"])
+    if "adaptation" in results:
+        lines.append(f"{label} {results['adaptation']}.")
+    if "baseline" in results:
+        b = results["baseline"]
+        chosen = "; ".join(
+            f"K={k}: " + ", ".join(f"{b['chosen_lr'][k][s]:g} ({s} step{'s' if s != '1' else ''})"
+                                   for s in steps if s != "0") for k in shots)
+        grid = ", ".join(f"{lr:g}" for lr in b["lr_grid"])
+        lines.append(f"baseline: pretrained {b['pretrain_steps']} Adam steps on pooled tasks; "
+                     f"SGD step size chosen from {{{grid}}} on {b['validation_tasks']} separate "
+                     f"validation tasks: {chosen}.")
+    return "\n".join(lines)
+
+
+# Plots --------------------------------------------------------------------------------------
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    """A matplotlib figure on the Agg canvas (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, cols, squeeze=False)
+
+
+def plot_adaptation(algorithm: nn.Module, baseline: nn.Module | None, tasks: SinusoidTasks,
+                    path: str | os.PathLike, label: str = "MAML", shots: Sequence[int] = (5, 10),
+                    baseline_lrs: dict | None = None, task: int = 0) -> Path:
+    """Figure 2 of the MAML paper for one test task: the true curve, the K support points,
+    the predictions before adaptation and after 1 and 10 steps, for the meta-learned model
+    (top row) and the pretrained baseline (bottom row), at each K (columns)."""
+    device = tasks.support_x.device
+    amplitude, phase = float(tasks.amplitude[task]), float(tasks.phase[task])
+    grid = torch.linspace(*Sinusoid.x_range, 200, dtype=tasks.support_x.dtype, device=device)
+    truth = Sinusoid.curve(amplitude, phase, grid)
+    methods = [(label, lambda x, y, s: algorithm.adapt(x, y, s), None)]
+    if baseline is not None:
+        methods.append(("pretrained", None, baseline))
+    figure, axes = _figure(len(methods), len(shots), (5.5 * len(shots), 4.0 * len(methods)))
+    styles = {0: ("pre-update", ":", "tab:green"), 1: ("1 grad step", "--", "tab:orange"),
+              10: ("10 grad steps", "-", "tab:red")}
+    with torch.no_grad():
+        for row, (name, adapt, model) in enumerate(methods):
+            for col, k in enumerate(shots):
+                ax = axes[row][col]
+                sx = tasks.support_x[task:task + 1, :k]
+                sy = tasks.support_y[task:task + 1, :k]
+                ax.plot(grid.cpu(), truth.cpu(), color="tab:blue", lw=2, label="ground truth")
+                ax.scatter(sx.reshape(-1).cpu(), sy.reshape(-1).cpu(), color="black", marker="^",
+                           zorder=5, label=f"{k} points used for gradient")
+                for steps, (text, linestyle, color) in styles.items():
+                    if adapt is not None:
+                        predict = adapt(sx, sy, steps)
+                    else:
+                        lr = 0.0 if steps == 0 else float(
+                            (baseline_lrs or {}).get(str(k), {}).get(str(steps), 0.01))
+                        predict = finetune(model, sx, sy, lr, steps)
+                    y = predict(grid.reshape(1, -1, 1)).reshape(-1)
+                    ax.plot(grid.cpu(), y.cpu(), linestyle=linestyle, color=color, label=text)
+                ax.set_title(f"{name}, K={k}")
+                ax.set_xlim(*Sinusoid.x_range)
+                ax.set_ylim(-6, 6)
+                if row == 0 and col == 0:
+                    ax.legend(loc="lower left", fontsize=8)
+    figure.suptitle(f"sinusoid task A={amplitude:.2f}, phase={phase:.2f}")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_learning_curve(metrics_path: str | os.PathLike, path: str | os.PathLike,
+                        title: str = "meta-training") -> Path | None:
+    """The meta-training loss (each point a mean over ``log_every`` iterations, and its
+    moving average) against the iteration; None when there are no metrics."""
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not records:
+        return None
+    iterations = [r["iteration"] for r in records]
+    losses = [r["loss"] for r in records]
+    span = max(1, len(losses) // 25)
+    smoothed = []
+    for i in range(len(losses)):
+        lo = max(0, i - span + 1)
+        smoothed.append(sum(losses[lo:i + 1]) / (i + 1 - lo))
+    figure, axes = _figure(1, 1, (6.5, 4.0))
+    ax = axes[0][0]
+    ax.plot(iterations, losses, color="tab:blue", alpha=0.3, lw=1, label="loss (per log interval)")
+    ax.plot(iterations, smoothed, color="tab:blue", lw=2, label=f"moving average ({span} points)")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("meta-training loss (MSE)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    return path

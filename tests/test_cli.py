@@ -1,0 +1,180 @@
+"""The ``fastmeta`` command line: one-line errors with exit status 2, a tiny end-to-end run,
+``eval`` of its checkpoint, ``--resume`` checks, and the console entry points."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmeta import checkpoint
+from fastmeta.cli import main
+
+TINY = ["--iterations", "20", "--eval-tasks", "20", "--baseline-steps", "30", "--log-every", "5",
+        "--checkpoint-every", "10", "--quiet"]
+
+
+def run_cli(argv, capsys):
+    """``(exit code, stdout, stderr)`` of ``fastmeta argv`` run in-process."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastmeta: error: "), err
+    assert "Traceback" not in err and "usage:" not in err and "usage:" not in out
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--shots", "0"], ["--shots", "positive integer"]),
+    (["train", "sinusoid", "--shots", "-5"], ["--shots", "-5"]),
+    (["train", "--shots", "ten"], ["--shots"]),
+    (["train", "--algorithm", "protonet"], ["--algorithm", "protonet"]),
+    (["train", "--iterations", "0"], ["--iterations"]),
+    (["train", "--inner-lr", "-0.1"], ["--inner-lr"]),
+    (["train", "--meta-batch", "0"], ["--meta-batch"]),
+    (["train", "omniglot-typo"], ["dataset", "sinusoid"]),
+    (["train", "--device", "tpu:0"], ["--device"]),
+    (["train", "--no-such-option"], ["--no-such-option"]),
+    ([], ["COMMAND"]),
+    (["fit"], ["fit"]),
+    (["eval"], ["checkpoint"]),
+])
+def test_bad_arguments_give_one_line_and_status_2(argv, fragments, capsys):
+    assert_one_line_error(*run_cli(argv, capsys), *fragments)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert_one_line_error(*run_cli(["eval", str(missing)], capsys), "no checkpoint", "nope.pt")
+    # A run directory without a checkpoint names the file it looked for.
+    assert_one_line_error(*run_cli(["eval", str(tmp_path)], capsys), "checkpoint.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n" * 10, b"PK\x03\x04garbage"])
+def test_corrupt_checkpoint(tmp_path, content, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    assert_one_line_error(*run_cli(["eval", str(path)], capsys), "not a readable fastmeta checkpoint")
+
+
+def test_foreign_torch_file_is_rejected(tmp_path, capsys):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    assert_one_line_error(*run_cli(["eval", str(path)], capsys), "not a fastmeta checkpoint")
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    argv = ["train", *TINY, "--output", str(tmp_path / "run"), "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), "no checkpoint")
+
+
+def test_library_errors_are_one_line(tmp_path, capsys):
+    # The compiled core has no MAML engine: naming backend cpu is the library's ValueError.
+    argv = ["train", *TINY, "--backend", "cpu", "--output", str(tmp_path / "run")]
+    code, out, err = run_cli(argv, capsys)
+    if code == 0:
+        pytest.skip("this build's compiled core runs MAML")
+    assert_one_line_error(code, out, err, "backend")
+
+
+def test_tiny_training_run_writes_everything(tmp_path, capsys):
+    output = tmp_path / "run"
+    code, out, err = run_cli(["train", "sinusoid", *TINY, "--output", str(output)], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    for name in ("checkpoint.pt", "metrics.jsonl", "results.json", "sinusoid_adaptation.png",
+                 "learning_curve.png"):
+        assert (output / name).is_file(), name
+    assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
+    # The table: both methods, every K, and the baseline's step-size note.
+    assert "K=5" in out and "K=10" in out and "K=20" in out
+    assert "maml" in out and "pretrained + fine-tuned" in out and "validation tasks" in out
+
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [5, 10, 15, 20]
+    assert all(m["loss"] > 0 and m["tasks_per_second"] > 0 for m in metrics)
+
+    results = json.loads((output / "results.json").read_text())
+    assert results["algorithm"] == "maml" and results["iterations"] == 20
+    assert results["eval_tasks"] == 20
+    for table in (results["algorithm_results"], results["baseline"]["results"]):
+        assert set(table) == {"5", "10", "20"}
+        assert all(set(by_k) == {"0", "1", "10"} for by_k in table.values())
+        assert all(cell["mse"] > 0 and cell["ci95"] > 0 for by_k in table.values()
+                   for cell in by_k.values())
+
+    state = checkpoint.load(output / "checkpoint.pt")
+    assert state["iteration"] == 20
+    assert state["config"]["shots"] == 10 and state["config"]["algorithm"] == "maml"
+    for key in ("model", "algorithm", "optimizer", "sampler", "torch_rng"):
+        assert key in state
+
+    # eval of the checkpoint (by its run directory), into another directory.
+    code, out, err = run_cli(["eval", str(output), "--eval-tasks", "10", "--baseline-steps", "20",
+                              "--output", str(tmp_path / "eval")], capsys)
+    assert code == 0, err
+    assert "K=10" in out
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["eval_tasks"] == 10 and evaluated["iterations"] == 20
+    assert (tmp_path / "eval" / "sinusoid_adaptation.png").is_file()
+
+    # Resuming with a different run option is refused; a longer --iterations continues.
+    code, out, err = run_cli(["train", *TINY, "--output", str(output), "--resume",
+                              "--shots", "5"], capsys)
+    assert_one_line_error(code, out, err, "--shots")
+    code, out, err = run_cli(["train", *TINY[2:], "--iterations", "30", "--output", str(output),
+                              "--resume"], capsys)
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [5, 10, 15, 20, 25, 30]
+    assert checkpoint.load(output)["iteration"] == 30
+
+
+def test_progress_lines_when_not_quiet(tmp_path, capsys):
+    output = tmp_path / "run"
+    argv = ["train", "--algorithm", "reptile", "--iterations", "10", "--eval-tasks", "5",
+            "--baseline-steps", "5", "--output", str(output)]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "iteration 10/10" in err and "trained 10 iterations" in err
+    assert all(line.startswith("fastmeta: ") for line in err.strip().splitlines()), err
+    assert checkpoint.load(output)["config"]["inner_steps"] == 5  # reptile's default
+
+
+def _environment():
+    env = dict(os.environ)
+    env.pop("FASTMETA_DEBUG", None)
+    return env
+
+
+def test_console_script_and_module_entry(tmp_path):
+    commands = [[sys.executable, "-m", "fastmeta"]]
+    script = shutil.which("fastmeta")
+    if script is not None:
+        commands.append([script])
+    for command in commands:
+        done = subprocess.run(command + ["train", "--shots", "0"], capture_output=True, text=True,
+                              env=_environment(), timeout=120)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.strip().splitlines() == [
+            "fastmeta: error: argument --shots/-k: must be a positive integer, got 0"]
+        assert done.stdout == ""
+
+
+def test_help_exits_0(capsys):
+    code, out, err = run_cli(["train", "--help"], capsys)
+    assert code == 0 and "--algorithm" in out and "--resume" in out and err == ""
