@@ -1,4 +1,5 @@
-// A minimal fixed-width vector type for the engine's kernels.
+// A minimal fixed-width vector type for the engine's kernels (GCC/Clang vector
+// extensions: the compiler picks the instructions for the target ISA).
 //
 // The engine is compiled once per instruction set (see CMakeLists.txt and
 // mlp_dispatch.cpp); each build gets its own namespace, FASTMETA_ISA, so the
@@ -7,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifndef FASTMETA_ISA
 #define FASTMETA_ISA generic
@@ -28,53 +30,92 @@ constexpr int kVectorBytes = 16;  // SSE2 / NEON, or scalar code the compiler sp
 #endif
 
 template <typename Scalar>
-struct Simd;
+struct VectorTypes;
+template <>
+struct VectorTypes<float> {
+  typedef float Vec __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorTypes<double> {
+  typedef double Vec __attribute__((vector_size(kVectorBytes)));
+};
 
-// One vector of kLanes scalars. Loads and stores are unaligned (memcpy compiles to a
-// single unaligned move): rows of the engine's matrices start wherever they start.
-#define FASTMETA_DEFINE_SIMD(Scalar)                                                    \
-  template <>                                                                           \
-  struct Simd<Scalar> {                                                                 \
-    typedef Scalar Vec __attribute__((vector_size(kVectorBytes)));                      \
-    static constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(Scalar));      \
-    static inline Vec load(const Scalar* p) {                                           \
-      Vec v;                                                                            \
-      std::memcpy(&v, p, sizeof v);                                                     \
-      return v;                                                                         \
-    }                                                                                   \
-    static inline void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }        \
-    static inline Vec zero() { return Vec{}; }                                          \
-    static inline Vec broadcast(Scalar s) { return Vec{} + s; }                         \
-    static inline Scalar sum(Vec v) { return reduce_add(v); }                           \
-  };
+template <typename Scalar>
+struct Simd {
+  using Vec = typename VectorTypes<Scalar>::Vec;
+  static constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(Scalar));
 
-// Horizontal sum: add the two halves until one 16-byte vector is left (memcpy of a half
-// compiles to a register extract), then finish in scalars.
-template <typename Scalar, int Bytes>
-inline Scalar reduce_add(Scalar __attribute__((vector_size(Bytes))) v) {
-  if constexpr (Bytes > 16) {
-    typedef Scalar Half __attribute__((vector_size(Bytes / 2)));
-    Half lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    return reduce_add<Scalar, Bytes / 2>(lo + hi);
-  } else if constexpr (sizeof(Scalar) == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  } else {
-    return v[0] + v[1];
+  // Unaligned load and store (memcpy compiles to a single unaligned move).
+  static inline Vec load(const Scalar* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
   }
-}
+  static inline void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+  static inline Vec zero() { return Vec{}; }
+  // (Not Vec{} + s: without -ffast-math that is a real scalar add before the broadcast.)
+  static inline Vec broadcast(Scalar s) {
+    return splat(Vec{s}, std::make_index_sequence<kLanes>{});
+  }
 
-inline float reduce_add(float __attribute__((vector_size(kVectorBytes))) v) {
-  return reduce_add<float, kVectorBytes>(v);
-}
-inline double reduce_add(double __attribute__((vector_size(kVectorBytes))) v) {
-  return reduce_add<double, kVectorBytes>(v);
-}
+  // The horizontal sums of kLanes vectors at once, as one vector: lane j holds the sum
+  // of v[bit_reverse(j)]. Each level adds the two halves of every lane group of a pair of
+  // vectors (two shuffles and an add), halving the group width: log2(kLanes) levels and
+  // kLanes - 1 pair steps in all, instead of a full reduction per vector.
+  static inline Vec sum_each(Vec* v) { return fold_level<kLanes, kLanes>(v); }
 
-FASTMETA_DEFINE_SIMD(float)
-FASTMETA_DEFINE_SIMD(double)
-#undef FASTMETA_DEFINE_SIMD
+  // One vector's horizontal sum (add the upper half onto the lower, log2(kLanes) times).
+  static inline Scalar sum(Vec v) { return sum_halves<kLanes>(v); }
+
+  static constexpr int bit_reverse(int j) {
+    int r = 0;
+    for (int bit = 1; bit < kLanes; bit <<= 1) r = (r << 1) | ((j & bit) ? 1 : 0);
+    return r;
+  }
+
+ private:
+  template <std::size_t... J>
+  static inline Vec splat(Vec v, std::index_sequence<J...>) {
+    return __builtin_shufflevector(v, v, static_cast<int>(J * 0)...);
+  }
+
+  // Source lane of output lane j when folding groups of width W: first (High = false) or
+  // second halves of group j / W, from x for the group's first half of outputs, else y.
+  template <int W, bool High>
+  static constexpr int fold_source(int j) {
+    const int half = W / 2, group = j / W, pos = j % W;
+    return (pos >= half ? kLanes : 0) + group * W + (High ? half : 0) + pos % half;
+  }
+
+  template <int W, std::size_t... J>
+  static inline Vec fold(Vec x, Vec y, std::index_sequence<J...>) {
+    return __builtin_shufflevector(x, y, fold_source<W, false>(J)...) +
+           __builtin_shufflevector(x, y, fold_source<W, true>(J)...);
+  }
+
+  template <int W, std::size_t... J>
+  static inline Vec shift_down(Vec v, std::index_sequence<J...>) {
+    return __builtin_shufflevector(v, v, static_cast<int>((J + W / 2) % kLanes)...);
+  }
+
+  template <int W>
+  static inline Scalar sum_halves(Vec v) {
+    if constexpr (W == 1) {
+      return v[0];
+    } else {
+      return sum_halves<W / 2>(v + shift_down<W>(v, std::make_index_sequence<kLanes>{}));
+    }
+  }
+
+  template <int W, int Count>
+  static inline Vec fold_level(Vec* v) {
+#pragma GCC unroll 16
+    for (int i = 0; i < Count / 2; ++i)
+      v[i] = fold<W>(v[2 * i], v[2 * i + 1], std::make_index_sequence<kLanes>{});
+    if constexpr (W > 2) return fold_level<W / 2, Count / 2>(v);
+    return v[0];
+  }
+};
 
 // Rounds a row width up to whole vectors: every activation and weight row is padded
 // with zeros to this width so the kernels never need a scalar tail.

@@ -12,20 +12,26 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "simd.h"
 
 namespace fastmeta {
 namespace FASTMETA_ISA {
 
-// Register blocking: an RB x CB tile of accumulators (CB counted in vectors for the
-// axpy form, in outputs for the dot form) that fits the register file with room for the
-// operands it streams.
+// Register blocking: an RB x CB tile of accumulators that fits the register file with
+// room for the operands it streams. Axpy form: CB counts vectors of columns. Dot form: CB
+// counts outputs, and the tile is wide rather than tall because A's rows (the samples) are
+// the long stream: each vector of A read from L2 feeds CB accumulators.
 #if defined(__AVX512F__)
-constexpr int kTileRows = 4, kTileCols = 4;
+constexpr int kAxpyRows = 4, kAxpyCols = 4;
+constexpr int kDotRows = 2, kDotCols = 8;
 #else
-constexpr int kTileRows = 4, kTileCols = 2;
+constexpr int kAxpyRows = 4, kAxpyCols = 2;
+constexpr int kDotRows = 2, kDotCols = 4;
 #endif
+// gemm_nt transposes B when A has at least this many rows.
+constexpr int64_t kTransposeRows = 16;
 
 template <typename Scalar>
 struct DotOperand {
@@ -64,14 +70,34 @@ inline void dot_tile(const DotOperand<Scalar>* ops, int num_ops, int64_t depth_p
       }
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < CB; ++j)
-      c[r * ldc + j] = S::sum(acc[r][j]) + (bias ? bias[j] : Scalar(0));
+  // Horizontal sums. A full tile reduces kLanes accumulators at a time in one transposed
+  // pass (S::sum_each); a thin edge tile reduces each accumulator on its own.
+  constexpr int kCount = RB * CB;
+  if constexpr (2 * kCount <= S::kLanes) {
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < CB; ++j) c[r * ldc + j] = S::sum(acc[r][j]) + (bias ? bias[j] : Scalar(0));
+  } else {
+    constexpr int kGroups = (kCount + S::kLanes - 1) / S::kLanes;
+    typename S::Vec all[kGroups * S::kLanes];
+#pragma GCC unroll 64
+    for (int a = 0; a < kGroups * S::kLanes; ++a) all[a] = a < kCount ? acc[a / CB][a % CB] : S::zero();
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g) {
+      Scalar sums[S::kLanes];
+      S::store(sums, S::sum_each(all + g * S::kLanes));
+#pragma GCC unroll 64
+      for (int lane = 0; lane < S::kLanes; ++lane) {
+        const int a = g * S::kLanes + S::bit_reverse(lane);
+        if (a < kCount) c[(a / CB) * ldc + a % CB] = sums[lane] + (bias ? bias[a % CB] : Scalar(0));
+      }
+    }
+  }
 }
 
 template <typename Scalar, int RB, int CB>
 inline void axpy_tile(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth,
-                      Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
+                      Scalar scale, const Scalar* addend, int64_t ld_addend, Scalar* c,
+                      int64_t ldc) {
   using S = Simd<Scalar>;
   typename S::Vec acc[RB][CB];
   for (int r = 0; r < RB; ++r)
@@ -89,23 +115,23 @@ inline void axpy_tile(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth
       }
     }
   }
+  const typename S::Vec factor = S::broadcast(scale);
   for (int r = 0; r < RB; ++r) {
     for (int j = 0; j < CB; ++j) {
-      Scalar* out = c + r * ldc + j * S::kLanes;
-      typename S::Vec v = acc[r][j] * S::broadcast(scale);
-      if (accumulate) v += S::load(out);
-      S::store(out, v);
+      typename S::Vec v = acc[r][j] * factor;
+      if (addend) v += S::load(addend + r * ld_addend + j * S::kLanes);
+      S::store(c + r * ldc + j * S::kLanes, v);
     }
   }
 }
 
-// Calls Tile<RB, CB> with the run-time tile size (rb, cb) <= (kTileRows, kTileCols).
-template <template <int, int> class Tile, int RB = kTileRows>
+// Calls Tile<RB, CB> with the run-time tile size (rb, cb) <= (MaxRows, MaxCols).
+template <template <int, int> class Tile, int MaxCols, int RB>
 struct TileSwitch {
   template <typename... Args>
   static inline void run(int rb, int cb, Args&&... args) {
-    if (rb == RB) return dispatch_cols<kTileCols>(cb, args...);
-    if constexpr (RB > 1) TileSwitch<Tile, RB - 1>::run(rb, cb, args...);
+    if (rb == RB) return dispatch_cols<MaxCols>(cb, args...);
+    if constexpr (RB > 1) TileSwitch<Tile, MaxCols, RB - 1>::run(rb, cb, args...);
   }
   template <int CB, typename... Args>
   static inline void dispatch_cols(int cb, Args&&... args) {
@@ -130,8 +156,9 @@ struct AxpyTile {
   template <int RB, int CB>
   struct Of {
     static inline void run(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth,
-                           Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
-      axpy_tile<Scalar, RB, CB>(ops, num_ops, depth, scale, accumulate, c, ldc);
+                           Scalar scale, const Scalar* addend, int64_t ld_addend, Scalar* c,
+                           int64_t ldc) {
+      axpy_tile<Scalar, RB, CB>(ops, num_ops, depth, scale, addend, ld_addend, c, ldc);
     }
   };
 };
@@ -146,26 +173,31 @@ void gemm_dot(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
               int64_t ldc) {
   if (depth <= 2) {
     // A reduction over one or two numbers wastes a whole vector and its horizontal sum:
-    // scalar code is faster (the sinusoid MLP's first layer has depth 1).
+    // run along the outputs instead (the sinusoid MLP's first layer has depth 1).
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t o = 0; o < cols; ++o) {
-        Scalar s = bias ? bias[o] : Scalar(0);
-        for (int p = 0; p < num_ops; ++p)
-          for (int64_t i = 0; i < depth; ++i)
-            s += ops[p].a[r * ops[p].lda + i] * ops[p].b[o * ops[p].ldb + i];
-        c[r * ldc + o] = s;
+      Scalar* __restrict crow = c + r * ldc;
+      for (int64_t o = 0; o < cols; ++o) crow[o] = bias ? bias[o] : Scalar(0);
+      for (int p = 0; p < num_ops; ++p) {
+        const Scalar* __restrict arow = ops[p].a + r * ops[p].lda;
+        const Scalar* __restrict b = ops[p].b;
+        const int64_t ldb = ops[p].ldb;
+        for (int64_t i = 0; i < depth; ++i) {
+          const Scalar ai = arow[i];
+#pragma omp simd
+          for (int64_t o = 0; o < cols; ++o) crow[o] += ai * b[o * ldb + i];
+        }
       }
     }
     return;
   }
-  using Switch = detail::TileSwitch<detail::DotTile<Scalar>::template Of>;
+  using Switch = detail::TileSwitch<detail::DotTile<Scalar>::template Of, kDotCols, kDotRows>;
   DotOperand<Scalar> shifted[2];
   // Output-column tiles outermost: each tile's rows of B stay in L1 while every row of A
   // streams past them.
-  for (int64_t c0 = 0; c0 < cols; c0 += kTileCols) {
-    const int cb = static_cast<int>(std::min<int64_t>(kTileCols, cols - c0));
-    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-      const int rb = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+  for (int64_t c0 = 0; c0 < cols; c0 += kDotCols) {
+    const int cb = static_cast<int>(std::min<int64_t>(kDotCols, cols - c0));
+    for (int64_t r0 = 0; r0 < rows; r0 += kDotRows) {
+      const int rb = static_cast<int>(std::min<int64_t>(kDotRows, rows - r0));
       for (int p = 0; p < num_ops; ++p) {
         shifted[p] = {ops[p].a + r0 * ops[p].lda, ops[p].lda, ops[p].b + c0 * ops[p].ldb,
                       ops[p].ldb};
@@ -176,29 +208,72 @@ void gemm_dot(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
   }
 }
 
-// C[r, :] = (accumulate ? C[r, :] : 0) + scale * sum_p sum_k a_p(r, k) B_p[k, :] over
-// cols_padded columns (a multiple of the vector width; B's padding columns hold zeros).
+// C[r, :] = addend[r, :] + scale * sum_p sum_k a_p(r, k) B_p[k, :] over cols_padded
+// columns (a multiple of the vector width). addend may be null (nothing added), C itself
+// (accumulate), another matrix (C = addend - lr * gradient: an SGD step), or a single row
+// repeated with ld_addend = 0 (a bias).
 template <typename Scalar>
 void gemm_axpy(int64_t rows, int64_t cols_padded, int64_t depth, const AxpyOperand<Scalar>* ops,
-               int num_ops, Scalar scale, bool accumulate, Scalar* c, int64_t ldc) {
+               int num_ops, Scalar scale, const Scalar* addend, int64_t ld_addend, Scalar* c,
+               int64_t ldc) {
   using S = Simd<Scalar>;
-  using Switch = detail::TileSwitch<detail::AxpyTile<Scalar>::template Of>;
+  using Switch = detail::TileSwitch<detail::AxpyTile<Scalar>::template Of, kAxpyCols, kAxpyRows>;
   const int64_t col_vectors = cols_padded / S::kLanes;
   AxpyOperand<Scalar> shifted[2];
   // Column panels outermost: the panel of every B (depth x a few vectors) stays in L1
   // while the row tiles of A pass over it.
-  for (int64_t v0 = 0; v0 < col_vectors; v0 += kTileCols) {
-    const int cb = static_cast<int>(std::min<int64_t>(kTileCols, col_vectors - v0));
-    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-      const int rb = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+  for (int64_t v0 = 0; v0 < col_vectors; v0 += kAxpyCols) {
+    const int cb = static_cast<int>(std::min<int64_t>(kAxpyCols, col_vectors - v0));
+    for (int64_t r0 = 0; r0 < rows; r0 += kAxpyRows) {
+      const int rb = static_cast<int>(std::min<int64_t>(kAxpyRows, rows - r0));
       for (int p = 0; p < num_ops; ++p) {
         shifted[p] = {ops[p].a + r0 * ops[p].a_row, ops[p].a_row, ops[p].a_depth,
                       ops[p].b + v0 * S::kLanes, ops[p].ldb};
       }
-      Switch::run(rb, cb, shifted, num_ops, depth, scale, accumulate,
+      const Scalar* add = addend ? addend + r0 * ld_addend + v0 * S::kLanes : nullptr;
+      Switch::run(rb, cb, shifted, num_ops, depth, scale, add, ld_addend,
                   c + r0 * ldc + v0 * S::kLanes, ldc);
     }
   }
+}
+
+// dst[j, i] = src[i, j] for i < rows, j < cols.
+template <typename Scalar>
+void transpose(int64_t rows, int64_t cols, const Scalar* src, int64_t lds, Scalar* dst,
+               int64_t ldd) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t j1 = std::min(cols, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+  }
+}
+
+// C = A B^T (+ bias) for up to two operand pairs, as gemm_dot, choosing the method. With
+// many rows it pays to transpose each B once (into `scratch`, depth x cols_padded per
+// pair) and run the axpy form, which needs no horizontal sums; with few rows the
+// transpose would cost more than the product. C's padding columns are left zero.
+template <typename Scalar>
+void gemm_nt(int64_t rows, int64_t cols, int64_t cols_padded, int64_t depth,
+             int64_t depth_padded, const DotOperand<Scalar>* ops, int num_ops,
+             const Scalar* bias, Scalar* c, int64_t ldc, Scalar* scratch) {
+  if (!scratch || rows < kTransposeRows || depth <= 2) {
+    gemm_dot(rows, cols, depth, depth_padded, ops, num_ops, bias, c, ldc);
+    return;
+  }
+  AxpyOperand<Scalar> axpy[2];
+  for (int p = 0; p < num_ops; ++p) {
+    Scalar* bt = scratch + p * depth * cols_padded;
+    transpose(cols, depth, ops[p].b, ops[p].ldb, bt, cols_padded);
+    axpy[p] = {ops[p].a, ops[p].lda, 1, bt, cols_padded};
+  }
+  gemm_axpy(rows, cols_padded, depth, axpy, num_ops, Scalar(1), bias, 0, c, ldc);
+  if (cols < cols_padded)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memset(c + r * ldc + cols, 0, sizeof(Scalar) * (cols_padded - cols));
 }
 
 }  // namespace FASTMETA_ISA

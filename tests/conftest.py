@@ -34,7 +34,8 @@ def _seed(request):
     ``FASTMETA_TEST_SEED=k`` shifts every seed, to check that no test depends on its draw.
     """
     base = int(os.environ.get("FASTMETA_TEST_SEED", "0"))
-    seed = (base * 1_000_003 + sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid))) % (2**31)
+    name = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid))
+    seed = (base * 1_000_003 + name) % (2**31)
     torch.manual_seed(seed)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 
 import pytest
 import torch
@@ -54,10 +55,11 @@ def test_backends_resolve():
     assert backends.resolve("torch", cpu, None) == "torch"
     with pytest.raises(ValueError, match="cuda"):
         backends.resolve("cuda", cpu, None)
-    with pytest.raises(ValueError, match="a unique reason 41"):
-        backends.resolve("cpu", cpu, "a unique reason 41")
-    with pytest.warns(RuntimeWarning, match="a unique reason 42"):
-        assert backends.resolve("auto", cpu, "a unique reason 42") == "torch"
+    reason = f"a unique reason {uuid.uuid4()}"  # warnings are once per distinct reason
+    with pytest.raises(ValueError, match=reason):
+        backends.resolve("cpu", cpu, reason)
+    with pytest.warns(RuntimeWarning, match=reason):
+        assert backends.resolve("auto", cpu, reason) == "torch"
     if CORE_DISABLED:
         assert backends.resolve("auto", cpu, None) == "torch"
         with pytest.raises(ValueError, match="unavailable"):

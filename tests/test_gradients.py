@@ -16,6 +16,9 @@ gives wrong second-order gradients.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -254,11 +257,12 @@ def test_maml_matches_finite_differences(kind, loss, steps):
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("kind,loss", [("mlp-tanh", "mse"), ("mlp-relu", "cross_entropy"),
                                        ("conv4", "cross_entropy")])
-def test_first_order_maml(kind, loss, steps):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_first_order_maml(kind, loss, steps, backend):
     model, batch = make_case(kind, loss, num_tasks=3)
     lr = INNER_LR[loss]
     fomaml = fastmeta.MAML(model, lr, inner_steps=steps, first_order=True, loss=loss,
-                           backend="torch")
+                           backend=backend)
     params = list(model.parameters())
     _, grads = fastmeta_grads(fomaml, batch, params)
     expected = first_order_oracle(model, batch, loss, lr, steps)
@@ -271,10 +275,10 @@ def test_first_order_maml(kind, loss, steps):
 # --------------------------------------------------------------------------------------------
 # Meta-SGD: gradients w.r.t. the initial weights and the learned learning rates
 # --------------------------------------------------------------------------------------------
-def _meta_sgd(kind, loss, steps, first_order=False):
+def _meta_sgd(kind, loss, steps, first_order=False, backend="torch"):
     model, batch = make_case(kind, loss)
     msgd = fastmeta.MetaSGD(model, INNER_LR[loss], inner_steps=steps, first_order=first_order,
-                            loss=loss, backend="torch")
+                            loss=loss, backend=backend)
     with torch.no_grad():  # distinct rates per weight, so a wrong lr-gradient cannot hide
         for rate in msgd.inner_lrs:
             rate.mul_(torch.rand_like(rate) + 0.5)
@@ -286,8 +290,9 @@ META_SGD_CASES = [("mlp-tanh", "mse"), ("mlp-relu", "cross_entropy"), ("conv4", 
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("kind,loss", META_SGD_CASES)
-def test_meta_sgd_matches_oracle(kind, loss, steps):
-    model, batch, msgd = _meta_sgd(kind, loss, steps)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_meta_sgd_matches_oracle(kind, loss, steps, backend):
+    model, batch, msgd = _meta_sgd(kind, loss, steps, backend=backend)
     params, rates = list(model.parameters()), list(msgd.inner_lrs)
     assert set(map(id, msgd.parameters())) == set(map(id, params + rates))
     _, grads = fastmeta_grads(msgd, batch, params + rates)
@@ -312,9 +317,11 @@ def test_meta_sgd_matches_finite_differences(kind, loss, steps):
     assert on_smooth_point(check) < FD_RTOL
 
 
-def test_meta_sgd_first_order_rate_gradient():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_meta_sgd_first_order_rate_gradient(backend):
     """First-order Meta-SGD keeps the exact learning-rate gradient  -sum_k g_k * v_K."""
-    model, batch, msgd = _meta_sgd("mlp-tanh", "mse", steps=2, first_order=True)
+    model, batch, msgd = _meta_sgd("mlp-tanh", "mse", steps=2, first_order=True,
+                                   backend=backend)
     params, rates = list(model.parameters()), list(msgd.inner_lrs)
     _, grads = fastmeta_grads(msgd, batch, params + rates)
     _, expected_theta, expected_rates = oracle(model, batch, "mse", None, 2, lrs=rates,
@@ -331,10 +338,11 @@ ANIL_CASES = [("mlp-relu", "mse"), ("mlp-tanh", "cross_entropy"), ("conv4", "cro
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("kind,loss", ANIL_CASES)
-def test_anil_matches_oracle(kind, loss, steps):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_anil_matches_oracle(kind, loss, steps, backend):
     model, batch = make_case(kind, loss)
     lr = INNER_LR[loss]
-    anil = fastmeta.ANIL(model, inner_lr=lr, inner_steps=steps, loss=loss, backend="torch")
+    anil = fastmeta.ANIL(model, inner_lr=lr, inner_steps=steps, loss=loss, backend=backend)
     assert anil._features_from() > 0  # the Sequential fast path: features computed once
     head = [name for name, _ in model.named_parameters()][-2:]  # the last Linear
     params = list(model.parameters())
@@ -357,6 +365,56 @@ def test_anil_matches_finite_differences(kind, loss, steps):
         _, grads = fastmeta_grads(anil, batch, params)
         with torch.no_grad():
             return directional_check(lambda: anil(*batch), params, grads, directions=2)
+
+    assert on_smooth_point(check) < FD_RTOL
+
+
+def _nested_mlp():
+    return nn.Sequential(nn.Sequential(nn.Linear(2, 12), nn.Tanh()),
+                         nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))).double()
+
+
+@pytest.mark.parametrize("head,nested,tail", [("0", False, False), ("2", False, False),
+                                              ("module", False, True), ("1", True, True),
+                                              ("1.2", True, True)])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_anil_head_choices(head, nested, tail, backend):
+    """Any submodule can be the head; a tail of the Sequential takes the features-once path."""
+    model, batch = make_case("mlp-tanh", "cross_entropy")
+    if nested:
+        model = _nested_mlp()
+    chosen = model[4] if head == "module" else head
+    anil = fastmeta.ANIL(model, head=chosen, inner_lr=0.4, inner_steps=2, loss="cross_entropy",
+                         backend=backend)
+    assert (anil._features_from() > 0) == tail
+    head_module = chosen if isinstance(chosen, nn.Module) else dict(model.named_modules())[head]
+    head_ids = {id(p) for p in head_module.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in head_ids]
+    params = list(model.parameters())
+    _, grads = fastmeta_grads(anil, batch, params)
+    _, expected, _ = oracle(model, batch, "cross_entropy", 0.4, 2, adapt_names=names)
+    assert rel_err(grads, expected) < ORACLE_RTOL
+
+
+@pytest.mark.parametrize("kind,loss", [("mlp-relu", "mse"), ("conv4", "cross_entropy")])
+def test_maml_generic_path_matches_oracle_and_finite_differences(kind, loss):
+    """A model that is not an nn.Sequential runs task by task (functional_call); its
+    second-order meta-gradient is exact too, and equals the Sequential path's."""
+    def check():
+        model, batch = make_case(kind, loss)
+        wrapped = Wrapped(model)
+        maml = fastmeta.MAML(wrapped, INNER_LR[loss], inner_steps=2, loss=loss, backend="torch")
+        assert not maml._batched.batched
+        params = list(wrapped.parameters())
+        _, grads = fastmeta_grads(maml, batch, params)
+        _, expected, _ = oracle(wrapped, batch, loss, INNER_LR[loss], 2)
+        assert rel_err(grads, expected) < ORACLE_RTOL
+        sequential = fastmeta.MAML(model, INNER_LR[loss], inner_steps=2, loss=loss,
+                                   backend="torch")
+        _, grads_seq = fastmeta_grads(sequential, batch, list(model.parameters()))
+        assert rel_err(grads, grads_seq) < ORACLE_RTOL
+        with torch.no_grad():
+            return directional_check(lambda: maml(*batch), params, grads, directions=2)
 
     assert on_smooth_point(check) < FD_RTOL
 
@@ -536,3 +594,54 @@ def test_float32_matches_float64(kind, loss, algorithm):
         assert all(t.dtype == model.parameters().__next__().dtype for t in g)
         grads.append([t.double() for t in g])
     assert rel_err(grads[0], grads[1]) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Thread count (this process runs single-threaded, see conftest.py)
+# --------------------------------------------------------------------------------------------
+_THREADED_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import torch
+import fastmeta
+from test_gradients import threaded_case  # (its conftest import sets one thread: undo that)
+torch.set_num_threads(int(sys.argv[2]))
+threads = (torch.get_num_threads(), fastmeta.backends.info().get("max_threads"))
+torch.save((threads, threaded_case()), sys.argv[1])
+"""
+
+
+def threaded_case():
+    """Meta-gradients of every algorithm on the default backend, from a fixed seed."""
+    torch.manual_seed(2024)
+    results = []
+    for kind, loss in (("mlp-relu", "mse"), ("mlp-tanh", "cross_entropy"),
+                       ("conv4", "cross_entropy")):
+        model, batch = make_case(kind, loss, num_tasks=6)
+        for algo in (fastmeta.MAML(model, INNER_LR[loss], inner_steps=2, loss=loss),
+                     fastmeta.MAML(model, INNER_LR[loss], inner_steps=2, loss=loss,
+                                   first_order=True),
+                     fastmeta.MetaSGD(model, INNER_LR[loss], inner_steps=2, loss=loss),
+                     fastmeta.ANIL(model, inner_lr=INNER_LR[loss], inner_steps=2, loss=loss)):
+            results.append(fastmeta_grads(algo, batch, list(algo.parameters()))[1])
+        reptile = fastmeta.Reptile(model, INNER_LR[loss], inner_steps=2, loss=loss)
+        results.append(fastmeta_grads(reptile, batch[:2], list(model.parameters()))[1])
+    return results
+
+
+def test_meta_gradients_do_not_depend_on_thread_count(tmp_path):
+    """Two intra-op / OpenMP threads (torch's and the compiled core's) give the same
+    meta-gradients as one."""
+    path = tmp_path / "threads2.pt"
+    # Passive waiting: spinning OpenMP threads crawl when the machine is busy.
+    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run([sys.executable, "-c", _THREADED_SCRIPT, str(path), "2",
+                             os.path.dirname(os.path.abspath(__file__))],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    threads, threaded = torch.load(path)
+    assert threads[0] == 2 and threads[1] in (None, 2)  # the setting took effect
+    single = threaded_case()
+    assert len(threaded) == len(single)
+    for a, b in zip(threaded, single):
+        assert rel_err(a, b) < 1e-12

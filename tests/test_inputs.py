@@ -15,11 +15,17 @@ from conftest import assert_unchanged, classification_batch, regression_batch, s
 
 @pytest.fixture
 def nothing_runs(monkeypatch):
-    """Fails the test if any model forward pass (batched or per task) starts."""
+    """Fails the test if any model forward pass starts: on the reference engine (batched or
+    per task) or on the compiled engine."""
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran although the input should have been rejected")
 
     monkeypatch.setattr(TaskBatchedModel, "__call__", refuse)
+    try:
+        from fastmeta.engine_cpu import CompiledMLP
+    except ImportError:  # no compiled engine in this version
+        return
+    monkeypatch.setattr(CompiledMLP, "run", refuse)
 
 
 def _classifier(dtype=torch.float64):
@@ -96,30 +102,32 @@ def _bad_classification_batches():
     ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", _bad_classification_batches(), ids=lambda c: c[0])
-def test_bad_classification_batch_is_rejected(case, algorithm, nothing_runs):
+def test_bad_classification_batch_is_rejected(case, algorithm, backend, nothing_runs):
     _, modify, error, pattern = case
     model = _with_stale_grads(_classifier())
-    algo = _make(algorithm, model, "cross_entropy")
+    algo = _make(algorithm, model, "cross_entropy", backend=backend)
     batch = modify(classification_batch(3, 5, 4, 4, 3))
-    before = snapshot(model)
+    before = snapshot(algo)  # the model's parameters, and Meta-SGD's learning rates
     with pytest.raises(error, match=pattern):
         algo(*batch)
-    assert_unchanged(model, before)
+    assert_unchanged(algo, before)
     # adapt() validates the same way (support only).
     if pattern.startswith("support"):
         with pytest.raises(error, match=pattern):
             algo.adapt(batch[0], batch[1])
-        assert_unchanged(model, before)
+        assert_unchanged(algo, before)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_bad_regression_batch_is_rejected(algorithm, nothing_runs):
+def test_bad_regression_batch_is_rejected(algorithm, backend, nothing_runs):
     model = _with_stale_grads(_regressor())
-    algo = _make(algorithm, model, "mse")
+    algo = _make(algorithm, model, "mse", backend=backend)
     sx, sy, qx, qy = regression_batch(4, 5, 6, 2, 1)
-    before = snapshot(model)
+    before = snapshot(algo)
     bad_qy = qy.clone()
     bad_qy[3, 2, 0] = math.nan
     cases = [
@@ -133,12 +141,13 @@ def test_bad_regression_batch_is_rejected(algorithm, nothing_runs):
     for batch, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             algo(*batch)
-        assert_unchanged(model, before)
+        assert_unchanged(algo, before)
 
 
-def test_reptile_validates_its_support_set(nothing_runs):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_reptile_validates_its_support_set(backend, nothing_runs):
     model = _with_stale_grads(_classifier())
-    reptile = fastmeta.Reptile(model, 0.1, inner_steps=2, loss="cross_entropy", backend="torch")
+    reptile = fastmeta.Reptile(model, 0.1, inner_steps=2, loss="cross_entropy", backend=backend)
     sx, sy, _, _ = classification_batch(3, 5, 4, 4, 3)
     before = snapshot(model)
     bad_x = sx.clone()
@@ -157,16 +166,17 @@ def test_reptile_validates_its_support_set(nothing_runs):
 
 
 # --- NaN produced by the computation itself -------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
-def test_overflowing_inner_loop_raises_with_task_index(algorithm):
+def test_overflowing_inner_loop_raises_with_task_index(algorithm, backend):
     model = _with_stale_grads(_regressor())
     sx, sy, qx, qy = regression_batch(3, 5, 5, 2, 1)
     if algorithm == "reptile":
-        algo = fastmeta.Reptile(model, 1e200, inner_steps=2, loss="mse", backend="torch")
+        algo = fastmeta.Reptile(model, 1e200, inner_steps=2, loss="mse", backend=backend)
         args = (sx, sy)
     else:
         algo = fastmeta.MAML(model, 1e200, inner_steps=2, first_order=algorithm == "fomaml",
-                             loss="mse", backend="torch")
+                             loss="mse", backend=backend)
         args = (sx, sy, qx, qy)
     before = snapshot(model)
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) for task \d"):
@@ -174,9 +184,10 @@ def test_overflowing_inner_loop_raises_with_task_index(algorithm):
     assert_unchanged(model, before)
 
 
-def test_nan_in_query_loss_names_the_task():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_nan_in_query_loss_names_the_task(backend):
     model = fastmeta.models.mlp([2, 8, 1], "relu").double()
-    maml = fastmeta.MAML(model, 0.01, loss="mse", backend="torch")
+    maml = fastmeta.MAML(model, 0.01, loss="mse", backend=backend)
     sx, sy, qx, qy = regression_batch(3, 5, 5, 2, 1)
     qx = qx.clone()
     qx[2] *= 1e300  # finite inputs, but task 2's squared query error overflows
@@ -275,9 +286,10 @@ def test_anil_bad_head():
         fastmeta.ANIL(nn.Sequential(nn.Conv2d(1, 1, 3)), inner_lr=0.1)
 
 
-def test_mse_target_width_mismatch_is_a_clear_error():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_mse_target_width_mismatch_is_a_clear_error(backend):
     model = _regressor()  # one output
-    maml = fastmeta.MAML(model, 0.1, backend="torch")
+    maml = fastmeta.MAML(model, 0.1, backend=backend)
     sx, _, qx, _ = regression_batch(2, 4, 4, 2, 1)
     with pytest.raises(ValueError, match="targets"):
         maml(sx, torch.randn(2, 4, 3, dtype=torch.float64), qx,

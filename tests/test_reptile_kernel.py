@@ -171,7 +171,7 @@ def test_bitwise_identical_across_thread_counts():
     for bit (each parameter is summed by one thread, always in task order)."""
     digests = {}
     for threads in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
         result = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

@@ -212,10 +212,42 @@ def test_checkpoint_errors(tmp_path):
         checkpoint.save(tmp_path / "x.pt", [1, 2])
 
 
-def test_train_prints_table(tmp_path):
-    config = S.make_config({"iterations": 5, "eval_tasks": 5, "baseline_steps": 5,
-                            "output": str(tmp_path / "run")})
-    out = io.StringIO()
-    results = S.train(config, quiet=True, results_stream=out)
-    assert results["iterations"] == 5 and "K=10" in out.getvalue()
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 5
+def test_diverging_adaptation_is_reported_not_raised(tmp_path):
+    torch.manual_seed(0)
+    _, wrapper = S.build(S.make_config({"algorithm": "metasgd", "inner_lr": 5.0}))
+    results = S.evaluate(wrapper, num_tasks=10, baseline=False, plot_path=tmp_path / "a.png")
+    cell = results["algorithm_results"]["10"]["10"]
+    assert cell["diverged"] > 0
+    assert cell["mse"] is None or (cell["diverged"] < 10 and math.isfinite(cell["mse"]))
+    assert results["algorithm_results"]["10"]["0"].get("diverged") is None
+    S.write_results(tmp_path / "results.json", results)
+    reloaded = json.loads((tmp_path / "results.json").read_text())  # strict JSON
+    assert reloaded["algorithm_results"]["10"]["10"]["diverged"] == cell["diverged"]
+    table = S.format_table(reloaded)
+    assert "div.)" in table or "all diverged" in table
+    # Some tasks diverge, the others are averaged.
+    per_task = {5: {1: torch.tensor([1.0, 3.0, math.inf])}}
+    assert S._summarise(per_task)["5"]["1"] == {"mse": 2.0, "ci95": mean_ci([1.0, 3.0])[1],
+                                                "diverged": 1}
+    assert (tmp_path / "a.png").is_file()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    config = S.make_config({"iterations": 60, "log_every": 20, "output": str(tmp_path / "run")})
+    terminal = _Terminal()
+    S.train(config, evaluate_after=False, stream=terminal)
+    text = terminal.getvalue()
+    assert "meta-training" in text and "60/60" in text and "tasks/s" in text and "loss=" in text
+
+
+def test_resume_from_an_incomplete_checkpoint_is_a_clear_error(tmp_path):
+    state = _train(tmp_path, "run", 10)
+    state.pop("format"), state.pop("version"), state.pop("optimizer")
+    checkpoint.save(tmp_path / "run" / "checkpoint.pt", state)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot resume"):
+        _train(tmp_path, "run", 20, resume=True)

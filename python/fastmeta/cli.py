@@ -115,7 +115,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--algorithm", "-a", choices=ALGORITHMS,
                        help="meta-learning algorithm (default maml)")
     train.add_argument("--iterations", "-n", type=positive_int,
-                       help="meta-training iterations (meta-updates) (default 20000)")
+                       help="meta-training iterations (meta-updates) (default 3000; the paper ran 70000)")
     train.add_argument("--meta-batch", type=positive_int, help="tasks per meta-update (default 25)")
     train.add_argument("--shots", "-k", type=positive_int,
                        help="K: support (and query) points per training task (default 10)")
@@ -140,6 +140,8 @@ def build_parser() -> ArgumentParser:
                        help="iterations between checkpoints (default 1000; always at the end)")
     train.add_argument("--baseline-steps", type=positive_int,
                        help="Adam steps pretraining the baseline on pooled tasks (default 5000)")
+    train.add_argument("--no-eval", action="store_true",
+                       help="stop after training: no evaluation, results table or plots")
     train.add_argument("--resume", action="store_true",
                        help="continue from <output>/checkpoint.pt up to --iterations "
                             "(bit-identical to an uninterrupted run)")
@@ -181,7 +183,8 @@ def run_train(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     config = module.make_config(options)
     explicit = [name for name, value in options.items() if value is not None]
-    module.train(config, resume=args.resume, quiet=args.quiet, explicit=explicit)
+    module.train(config, resume=args.resume, quiet=args.quiet, explicit=explicit,
+                 evaluate_after=not args.no_eval)
     return 0
 
 
@@ -195,8 +198,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError(f"{path} does not say which experiment it is from")
     module = experiments.get(config["dataset"])
     output = Path(args.output) if args.output else path.parent
+    metrics = path.parent / getattr(module, "METRICS_FILE", "metrics.jsonl")
     module.evaluate_checkpoint(state, output=output, eval_tasks=args.eval_tasks, seed=args.seed,
-                               device=args.device, baseline_steps=args.baseline_steps)
+                               device=args.device, baseline_steps=args.baseline_steps,
+                               metrics_path=metrics)
     return 0
 
 

@@ -15,7 +15,10 @@ def per_task_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
                              f"output has shape {tuple(output.shape)}")
         diff = output - target.reshape(output.shape)
         return (diff * diff).flatten(1).mean(1)
-    num_tasks, num_samples = output.shape[:2]
+    num_tasks, num_samples, num_classes = output.shape[0], output.shape[1], output.shape[-1]
+    if int(target.max()) >= num_classes:  # a model whose width checks.py could not read
+        raise ValueError(f"the labels reach {int(target.max())} but the model has only "
+                         f"{num_classes} outputs")
     flat = F.cross_entropy(output.reshape(num_tasks * num_samples, -1), target.reshape(-1),
                            reduction="none")
     return flat.reshape(num_tasks, num_samples).mean(1)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.checks import check_task_batch, output_classes, reference_parameter
+from fastmeta.engine_cpu import CompiledMLP, check_finite_steps
 from fastmeta.functional import TaskBatchedModel
 from fastmeta.maml import _check_settings
 from fastmeta.precomputed import with_gradient
@@ -31,14 +32,23 @@ class Reptile(nn.Module):
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
         self._batched = TaskBatchedModel(model)
+        self._compiled: CompiledMLP | None = None  # built on first use
+        #: the engine that ran the last forward's inner loop: "cpu" (compiled) or "torch"
+        self.last_backend: str | None = None
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """The per-task adapted models (first-order: no graph back to the initial weights)."""
         steps = self.inner_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        self._validate(support_x, support_y)
+        return self._adapt(support_x, support_y, steps)
+
+    def _validate(self, support_x: Tensor, support_y: Tensor) -> None:
         like = reference_parameter(self.model)
         check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y)
+
+    def _adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> AdaptedModel:
         params = [p.detach() for p in self.model.parameters()]
         lrs = [self.inner_lr] * len(params)
         return adapt(self._batched, params, support_x, support_y, self.loss, lrs, steps,
@@ -47,7 +57,15 @@ class Reptile(nn.Module):
     def forward(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         like = reference_parameter(self.model)
         engine = backends.resolve(self.backend, like.device, None)
-        adapted = self.adapt(support_x, support_y)
+        self._validate(support_x, support_y)
+        if engine == "cpu":
+            if self._compiled is None:
+                self._compiled = CompiledMLP(self.model, self.loss)
+            if self._compiled.reason is None and self._compiled.input_reason(support_x) is None:
+                self.last_backend = "cpu"
+                return self._compiled_forward(support_x, support_y)
+        self.last_backend = "torch"
+        adapted = self._adapt(support_x, support_y, self.inner_steps)
         params = list(self.model.parameters())
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         num_tasks = support_x.shape[0]
@@ -55,6 +73,14 @@ class Reptile(nn.Module):
         direction = reptile_direction(theta, task_weights, engine)
         grads = [g.view_as(p) for g, p in zip(direction.split([p.numel() for p in params]), params)]
         return with_gradient(adapted.support_losses[0].mean(), params, grads)
+
+    def _compiled_forward(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """The compiled MLP engine's inner loop; it applies the reptile_direction kernel."""
+        params = list(self.model.parameters())
+        result = self._compiled.run(params, self.inner_lr, self.inner_steps, "reptile",
+                                    support_x, support_y)
+        check_finite_steps(result.support_losses, "the support loss")
+        return with_gradient(result.support_losses[:, 0].mean(), params, result.grads)
 
 
 def reptile_direction(theta: Tensor, task_weights: Tensor, engine: str = "torch") -> Tensor:

@@ -93,8 +93,9 @@ class Omniglot(ClassDataset):
         missing = [p for p, s in sources.items() if s is None]
         if missing:
             wanted = " and ".join(f"images_{p}.zip" for p in missing)
-            raise DataError(f"no Omniglot data at {root}: expected {wanted} (or the folder"
-                            f"{'s' if len(missing) > 1 else ''} it unpacks to); set {ENV} or pass root=")
+            unpack = "the folders they unpack to" if len(missing) > 1 else "the folder it unpacks to"
+            raise DataError(f"no Omniglot data at {root}: expected {wanted} (or {unpack}); "
+                            f"set {ENV} or pass root=")
         pixels, characters = [], []
         for part in parts:
             array, names = load_part(sources[part], part, size, resample, cache, workers)

@@ -38,7 +38,7 @@ LAYERS = (1, 40, 40, 1)
 #: default run options; ``inner_steps=None`` means 1, or 5 for Reptile
 DEFAULTS: dict[str, Any] = {
     "algorithm": "maml",
-    "iterations": 20000,
+    "iterations": 3000,
     "meta_batch": 25,
     "shots": 10,
     "inner_lr": 0.01,
@@ -71,6 +71,9 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 ADAPTATION_PLOT = "sinusoid_adaptation.png"
 LEARNING_CURVE_PLOT = "learning_curve.png"
+
+# What the logged training loss is, per algorithm.
+LOSS_LABEL = {"maml": "query MSE after adaptation", "reptile": "support MSE before adaptation"}
 
 # Options that define the run; resuming with a different value is an error.
 RUN_OPTIONS = ("algorithm", "meta_batch", "shots", "inner_lr", "inner_steps", "outer_lr", "seed",
@@ -253,15 +256,25 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
     start, elapsed = 0, 0.0
     window = [0.0, 0, 0.0]  # loss sum, iterations, seconds since the last metrics line
     if state is not None:
-        wrapper.load_state_dict(state["algorithm"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, elapsed = int(state["iteration"]), float(state["elapsed"])
-        window = [float(state["window"][0]), int(state["window"][1]), float(state["window"][2])]
+        try:
+            wrapper.load_state_dict(state["algorithm"])
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.load_state(state["sampler"])
+            torch.set_rng_state(state["torch_rng"])
+            start, elapsed = int(state["iteration"]), float(state["elapsed"])
+            window = [float(state["window"][0]), int(state["window"][1]),
+                      float(state["window"][2])]
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as error:
+            raise ckpt.CheckpointError(
+                f"{checkpoint_path} cannot resume this run ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})") from None
         _rewrite_metrics(metrics_path, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+    else:
+        if checkpoint_path.exists() and not quiet:
+            print(f"fastmeta: note: starting a new run in {output}; its old checkpoint will be "
+                  "replaced (--resume continues it instead)", file=stream, flush=True)
+        if metrics_path.exists():
+            metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
 
     def save(iteration: int) -> None:
         ckpt.save(checkpoint_path, {
@@ -342,7 +355,9 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
     results.update(run_summary(config, final_iteration, elapsed))
     results["eval_seconds"] = time.perf_counter() - eval_start
     write_results(output / RESULTS_FILE, results)
-    plot_learning_curve(metrics_path, output / LEARNING_CURVE_PLOT, title=f"{NAME} {config['algorithm']}")
+    plot_learning_curve(metrics_path, output / LEARNING_CURVE_PLOT,
+                        title=f"{NAME}: {config['algorithm']} meta-training",
+                        ylabel=LOSS_LABEL.get(config["algorithm"], LOSS_LABEL["maml"]))
     print(format_table(results), file=results_stream, flush=True)
     print(f"results: {output / RESULTS_FILE}; plots: {output / ADAPTATION_PLOT}, "
           f"{output / LEARNING_CURVE_PLOT}", file=results_stream, flush=True)
@@ -358,7 +373,7 @@ def _merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequ
         raise ckpt.CheckpointError(f"the checkpoint in {config['output']} is not from a "
                                    f"{NAME} run")
     for key in RUN_OPTIONS:
-        if key in explicit and config[key] != saved[key]:
+        if key in explicit and config[key] != saved.get(key):
             raise ValueError(f"--resume: --{key.replace('_', '-')} {config[key]} differs from "
                              f"the checkpoint's {saved[key]}")
     merged = dict(saved)
@@ -382,6 +397,27 @@ def sample_tasks(num_tasks: int, seed: int, device: torch.device | str = "cpu",
     return Sinusoid(k_shot=max_shots, q_query=query_points, seed=seed).sample(num_tasks, device=device)
 
 
+def _query_mse(adapt: Callable[[Tensor, Tensor, int], Callable[[Tensor], Tensor]],
+               support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+               steps: int) -> Tensor:
+    """Per-task query MSE ``[T]`` after ``steps`` adaptation steps; a task whose adaptation
+    diverges scores ``inf`` (the library refuses non-finite losses for the whole batch, so
+    the batch is then retried task by task)."""
+    try:
+        predict = adapt(support_x, support_y, steps)
+        losses = per_task_loss("mse", predict(query_x), query_y)
+    except FloatingPointError:
+        losses = torch.empty(support_x.shape[0], dtype=query_y.dtype, device=query_y.device)
+        for t in range(support_x.shape[0]):
+            one = slice(t, t + 1)
+            try:
+                predict = adapt(support_x[one], support_y[one], steps)
+                losses[t] = per_task_loss("mse", predict(query_x[one]), query_y[one])[0]
+            except FloatingPointError:
+                losses[t] = math.inf
+    return torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf)).cpu()
+
+
 def _mse_after_adaptation(adapt: Callable[[Tensor, Tensor, int], Callable[[Tensor], Tensor]],
                           tasks: SinusoidTasks, shots: Sequence[int], steps: Sequence[int]
                           ) -> dict[int, dict[int, Tensor]]:
@@ -390,20 +426,28 @@ def _mse_after_adaptation(adapt: Callable[[Tensor, Tensor, int], Callable[[Tenso
     with torch.no_grad():
         for k in shots:
             sx, sy = tasks.support_x[:, :k], tasks.support_y[:, :k]
-            out[k] = {}
-            for s in steps:
-                predict = adapt(sx, sy, s)
-                out[k][s] = per_task_loss("mse", predict(tasks.query_x), tasks.query_y).cpu()
+            out[k] = {s: _query_mse(adapt, sx, sy, tasks.query_x, tasks.query_y, s) for s in steps}
     return out
 
 
 def _summarise(per_task: dict[int, dict[int, Tensor]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean MSE and 95% CI half-width per K and steps. When the adaptation of some tasks
+    blew up (infinite MSE), ``diverged`` counts them and the mean and CI are over the others
+    (``None`` when every task diverged)."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for k, by_steps in per_task.items():
         summary[str(k)] = {}
         for s, losses in by_steps.items():
-            mean, ci = mean_ci(losses)
-            summary[str(k)][str(s)] = {"mse": mean, "ci95": ci}
+            finite = torch.isfinite(losses)
+            diverged = int((~finite).sum())
+            if diverged == losses.numel():
+                cell = {"mse": None, "ci95": None}
+            else:
+                mean, ci = mean_ci(losses[finite])
+                cell = {"mse": mean, "ci95": ci}
+            if diverged:
+                cell["diverged"] = diverged
+            summary[str(k)][str(s)] = cell
     return summary
 
 
@@ -553,9 +597,11 @@ def evaluate(algorithm: nn.Module, num_tasks: int = 600, shots: Sequence[int] = 
 def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None = None,
                         eval_tasks: int | None = None, seed: int | None = None,
                         device: str | None = None, baseline_steps: int | None = None,
-                        results_stream: TextIO | None = None) -> dict[str, Any]:
+                        results_stream: TextIO | None = None,
+                        metrics_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """``fastmeta eval``: rebuilds the checkpoint's model, evaluates it, prints the table and
-    writes ``results.json`` and the adaptation plot to ``output``."""
+    writes ``results.json`` and the adaptation plot to ``output`` (and the learning curve,
+    given the run's ``metrics_path``)."""
     results_stream = sys.stdout if results_stream is None else results_stream
     config = dict(state["config"])
     if device is not None:
@@ -581,8 +627,14 @@ def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None 
     results.update(run_summary(config, int(state["iteration"]), float(state.get("elapsed", 0.0))))
     results["eval_seconds"] = time.perf_counter() - start
     write_results(output / RESULTS_FILE, results)
+    plots = [output / ADAPTATION_PLOT]
+    if metrics_path is not None and plot_learning_curve(
+            metrics_path, output / LEARNING_CURVE_PLOT,
+            title=f"{NAME}: {config['algorithm']} meta-training",
+            ylabel=LOSS_LABEL.get(config["algorithm"], LOSS_LABEL["maml"])) is not None:
+        plots.append(output / LEARNING_CURVE_PLOT)
     print(format_table(results), file=results_stream, flush=True)
-    print(f"results: {output / RESULTS_FILE}; plot: {output / ADAPTATION_PLOT}",
+    print(f"results: {output / RESULTS_FILE}; plots: {', '.join(map(str, plots))}",
           file=results_stream, flush=True)
     return results
 
@@ -610,7 +662,10 @@ def format_table(results: dict[str, Any]) -> str:
     shots = [str(k) for k in results["shots"]]
     steps = [str(s) for s in results["steps"]]
     label = results.get("algorithm") or results.get("label", "meta-learned")
-    width = 17
+    tables = [results["algorithm_results"]] + (
+        [results["baseline"]["results"]] if "baseline" in results else [])
+    width = 23 if any(cell.get("diverged") for table in tables for by_k in table.values()
+                      for cell in by_k.values()) else 17
     lines = []
     head = f"{NAME}: {label}"
     if "iterations" in results:
@@ -625,9 +680,14 @@ def format_table(results: dict[str, Any]) -> str:
             cells = []
             for k in shots:
                 cell = table[k][s]
-                mse = cell["mse"]
-                ci = cell["ci95"]
-                cells.append(f"{format_ci(mse if mse is not None else math.nan, math.nan if ci is None else ci):<{width}}")
+                mse, ci = cell["mse"], cell["ci95"]
+                if mse is None:
+                    text = "all diverged"
+                else:
+                    text = format_ci(mse, math.nan if ci is None else ci)
+                    if cell.get("diverged"):
+                        text += f" ({cell['diverged']} div.)"
+                cells.append(f"{text:<{width}}")
             lines.append(f"{(name if i == 0 else ''):<26}{s:>5}  " + "".join(cells))
 
     rows(label, results["algorithm_results"])
@@ -635,6 +695,10 @@ def format_table(results: dict[str, Any]) -> str:
         rows("pretrained + fine-tuned", results["baseline"]["results"])
     if "adaptation" in results:
         lines.append(f"{label} {results['adaptation']}.")
+    if any(cell.get("diverged") for table in tables for by_k in table.values()
+           for cell in by_k.values()):
+        lines.append("(n div.): the adaptation of n test tasks diverged (infinite MSE); the mean "
+                     "and CI are over the other tasks.")
     if "baseline" in results:
         b = results["baseline"]
         chosen = "; ".join(
@@ -684,19 +748,22 @@ def plot_adaptation(algorithm: nn.Module, baseline: nn.Module | None, tasks: Sin
                 ax.scatter(sx.reshape(-1).cpu(), sy.reshape(-1).cpu(), color="black", marker="^",
                            zorder=5, label=f"{k} points used for gradient")
                 for steps, (text, linestyle, color) in styles.items():
-                    if adapt is not None:
-                        predict = adapt(sx, sy, steps)
-                    else:
-                        lr = 0.0 if steps == 0 else float(
-                            (baseline_lrs or {}).get(str(k), {}).get(str(steps), 0.01))
-                        predict = finetune(model, sx, sy, lr, steps)
-                    y = predict(grid.reshape(1, -1, 1)).reshape(-1)
+                    try:
+                        if adapt is not None:
+                            predict = adapt(sx, sy, steps)
+                        else:
+                            lr = 0.0 if steps == 0 else float(
+                                (baseline_lrs or {}).get(str(k), {}).get(str(steps), 0.01))
+                            predict = finetune(model, sx, sy, lr, steps)
+                        y = predict(grid.reshape(1, -1, 1)).reshape(-1)
+                    except FloatingPointError:  # this adaptation diverged: no curve
+                        ax.plot([], [], linestyle=linestyle, color=color, label=f"{text} (diverged)")
+                        continue
                     ax.plot(grid.cpu(), y.cpu(), linestyle=linestyle, color=color, label=text)
                 ax.set_title(f"{name}, K={k}")
                 ax.set_xlim(*Sinusoid.x_range)
                 ax.set_ylim(-6, 6)
-                if row == 0 and col == 0:
-                    ax.legend(loc="lower left", fontsize=8)
+                ax.legend(loc="lower left", fontsize=7)
     figure.suptitle(f"sinusoid task A={amplitude:.2f}, phase={phase:.2f}")
     figure.tight_layout()
     path = Path(path)
@@ -718,26 +785,32 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_learning_curve(metrics_path: str | os.PathLike, path: str | os.PathLike,
-                        title: str = "meta-training") -> Path | None:
-    """The meta-training loss (each point a mean over ``log_every`` iterations, and its
-    moving average) against the iteration; None when there are no metrics."""
+                        title: str = "meta-training", ylabel: str = "meta-training loss (MSE)"
+                        ) -> Path | None:
+    """The meta-training loss (each point a mean over ``log_every`` iterations) and its
+    centred moving average against the iteration; None when there are no metrics."""
     records = [r for r in read_metrics(metrics_path) if "loss" in r]
     if not records:
         return None
     iterations = [r["iteration"] for r in records]
     losses = [r["loss"] for r in records]
-    span = max(1, len(losses) // 25)
-    smoothed = []
-    for i in range(len(losses)):
-        lo = max(0, i - span + 1)
-        smoothed.append(sum(losses[lo:i + 1]) / (i + 1 - lo))
+    span = max(1, round(len(losses) / 20)) | 1  # odd
     figure, axes = _figure(1, 1, (6.5, 4.0))
     ax = axes[0][0]
-    ax.plot(iterations, losses, color="tab:blue", alpha=0.3, lw=1, label="loss (per log interval)")
-    ax.plot(iterations, smoothed, color="tab:blue", lw=2, label=f"moving average ({span} points)")
+    if span == 1:
+        ax.plot(iterations, losses, color="tab:blue", lw=2, label="mean loss per log interval")
+    else:
+        smoothed = []  # centred, so the curve does not lag behind the loss
+        for i in range(len(losses)):
+            lo, hi = max(0, i - span // 2), min(len(losses), i + span // 2 + 1)
+            smoothed.append(sum(losses[lo:hi]) / (hi - lo))
+        ax.plot(iterations, losses, color="tab:blue", alpha=0.3, lw=1,
+                label="mean loss per log interval")
+        ax.plot(iterations, smoothed, color="tab:blue", lw=2,
+                label=f"moving average of {span} intervals")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("meta-training loss (MSE)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
