@@ -423,3 +423,17 @@ def build(impl: str, w: Workload, algo: Algorithm):
 
 def meta_gradient(model: nn.Module) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def oracle_gradient(w: Workload, algo: Algorithm) -> Tensor:
+    """The meta-gradient in float64 (fastmeta's reference engine on a float64 copy of the same
+    weights and data): the yardstick for every float32 implementation's accuracy."""
+    model = w.fresh_model().double()
+    sx, qx = w.support_x.double(), w.query_x.double()
+    sy, qy = ((y.double() if y.is_floating_point() else y) for y in (w.support_y, w.query_y))
+    if algo.kind == "reptile":
+        fastmeta.Reptile(model, w.inner_lr, algo.steps, loss=w.loss, backend="torch")(sx, sy).backward()
+    else:
+        fastmeta.MAML(model, w.inner_lr, algo.steps, first_order=algo.first_order, loss=w.loss,
+                      backend="torch")(sx, sy, qx, qy).backward()
+    return meta_gradient(model)

@@ -114,21 +114,34 @@ def matmul_peak(sizes=(2048, 4096), tries=3) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------
 # Timing mode
 # ---------------------------------------------------------------------------------------------
-def time_one(impl: str, w: bw.Workload, algo: bw.Algorithm, repeats: int, warmup: int):
-    """{"times": [...], "grad": Tensor} or {"na": reason}."""
-    gc.collect()
-    try:
-        model, step = bw.build(impl, w, algo)
-    except bw.Unavailable as error:
-        return {"na": str(error)}
-    for _ in range(warmup):
-        step()
-    times = []
+def run_cell(w: bw.Workload, algo: bw.Algorithm, impls, repeats: int, warmup: int, log) -> dict:
+    """Per implementation: {"times": [...], "grad": Tensor} or {"na": reason}.
+
+    All implementations are built and warmed up first, then timed round-robin (repeat r of
+    every implementation before repeat r+1 of any), so that a change in the machine's load
+    during the run hits every implementation alike.
+    """
+    results, steps, models = {}, {}, {}
+    for impl in impls:
+        log(f"  {w.key} {algo.label}: building and warming up {impl} ...")
+        gc.collect()
+        try:
+            models[impl], steps[impl] = bw.build(impl, w, algo)
+        except bw.Unavailable as error:
+            results[impl] = {"na": str(error)}
+            continue
+        for _ in range(warmup):
+            steps[impl]()
+        results[impl] = {"times": []}
+    log(f"  {w.key} {algo.label}: timing {repeats} rounds of {len(steps)} implementations ...")
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"times": times, "grad": bw.meta_gradient(model).detach().clone()}
+        for impl, step in steps.items():
+            start = time.perf_counter()
+            step()
+            results[impl]["times"].append(time.perf_counter() - start)
+    for impl, model in models.items():
+        results[impl]["grad"] = bw.meta_gradient(model).detach().double()
+    return results
 
 
 def fmt_ms(seconds: float) -> str:
@@ -138,11 +151,9 @@ def fmt_ms(seconds: float) -> str:
 
 def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, peak, log) -> list[str]:
     flops = bw.useful_flops(w, algo)
-    results = {}
-    # The reference first: every other gradient is checked against it.
-    for impl in sorted(impls, key=lambda name: name != REFERENCE):
-        log(f"  {w.key} {algo.label}: {impl} ...")
-        results[impl] = time_one(impl, w, algo, repeats, warmup)
+    results = run_cell(w, algo, impls, repeats, warmup, log)
+    log(f"  {w.key} {algo.label}: float64 oracle gradient ...")
+    oracle = bw.oracle_gradient(w, algo)
     ref = results.get(REFERENCE, {})
     ref_med = statistics.median(ref["times"]) if "times" in ref else None
     cpu = results.get(COMPILED, {})
@@ -151,10 +162,10 @@ def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, pea
     lines = [f"#### {w.key}: {algo.label}",
              "",
              f"{w.title}; useful FLOPs per meta-step: {flops / 1e9:.3g} GFLOP; "
-             f"{repeats} timed repeats after {warmup} warm-up.",
+             f"{repeats} timed rounds after {warmup} warm-up.",
              "",
              "| implementation | median ms | min ms | tasks/s | x fastmeta-cpu | x reference "
-             "| GFLOP/s | % of peak | grad vs reference |",
+             "| GFLOP/s | % of peak | grad error vs float64 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for impl in impls:
         r = results[impl]
@@ -164,14 +175,10 @@ def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, pea
         med, low = statistics.median(r["times"]), min(r["times"])
         vs_cpu = f"{med / cpu_med:.2f}" if cpu_med else "n/a"
         vs_ref = f"{med / ref_med:.2f}" if ref_med else "n/a"
-        if impl == REFERENCE or "grad" not in ref:
-            check = "(reference)" if impl == REFERENCE else "n/a"
-        else:
-            diff = (r["grad"] - ref["grad"]).abs().max() / ref["grad"].abs().max()
-            check = f"{float(diff):.1e}"
+        error = float((r["grad"] - oracle).abs().max() / oracle.abs().max())
         rate = flops / med
         lines.append(f"| {impl} | {fmt_ms(med)} | {fmt_ms(low)} | {w.tasks / med:.1f} | {vs_cpu} "
-                     f"| {vs_ref} | {rate / 1e9:.2f} | {100 * rate / peak:.1f} | {check} |")
+                     f"| {vs_ref} | {rate / 1e9:.2f} | {100 * rate / peak:.1f} | {error:.1e} |")
     lines.append("")
     return lines
 
@@ -295,11 +302,12 @@ def main(argv=None) -> int:
             parser.error(f"unknown implementation(s) {unknown}; choose from {list(bw.IMPLEMENTATIONS)}")
         return names
 
-    out = ["### Machine", ""] + machine_info()
-    out.append(f"- command: `python benchmarks/{os.path.basename(__file__)} "
-               f"{' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip() + "")
+    header = ["### Machine", ""] + machine_info()
+    header.append(f"- command: `python benchmarks/{os.path.basename(__file__)} "
+                  f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
+    body = [""]
     if args.memory:
-        out += ["", "### Memory", ""] + memory_table(check_impls(args.memory_impls), log)
+        body += ["### Memory", ""] + memory_table(check_impls(args.memory_impls), log)
     else:
         impls = check_impls(args.impls)
         keys = [k.strip().upper() for k in args.workloads.split(",") if k.strip()]
@@ -308,17 +316,20 @@ def main(argv=None) -> int:
             parser.error(f"unknown workload(s) {bad}; choose from W1, W2, W3")
         log("measuring the float32 matmul peak ...")
         peak, how = matmul_peak()
-        out.append(f"- float32 matmul peak (2 threads): {peak / 1e9:.1f} GFLOP/s ({how}, best of 3)")
-        out.append("")
+        header.append(f"- float32 matmul peak (2 threads): {peak / 1e9:.1f} GFLOP/s ({how}, best of 3)")
         for key in keys:
             w = bw.WORKLOADS[key]()
             repeats, warmup = (args.w2_repeats, 1) if key == "W2" else (args.repeats, args.warmup)
-            out += [f"### {key}: {w.title}" + (f" ({w.notes})" if w.notes else ""), ""]
+            body += [f"### {key}: {w.title}" + (f" ({w.notes})" if w.notes else ""), ""]
             for algo in PLAN[key]:
-                out += timing_table(w, algo, impls, repeats, warmup, peak, log)
-        out += ["Columns: x fastmeta-cpu / x reference = median time over that implementation's "
-                "median (higher is slower); GFLOP/s and % of peak use the analytic useful FLOPs; "
-                "grad vs reference = max |g - g_ref| / max |g_ref| of the meta-gradient.", ""]
+                body += timing_table(w, algo, impls, repeats, warmup, peak, log)
+        body += ["Columns: x fastmeta-cpu / x reference = this median over that implementation's "
+                 "median (above 1 is slower); tasks/s, GFLOP/s and % of peak use the median and the "
+                 "analytic useful FLOPs; grad error vs float64 = max |g - g64| / max |g64|, g64 the "
+                 "meta-gradient of the same weights and data in float64 (reference engine).", ""]
+    header.append(f"- load average at end (1/5/15 min): "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    out = header + body
     text = "\n".join(out)
     print(text)
     if args.markdown:

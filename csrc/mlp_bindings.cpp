@@ -35,8 +35,10 @@ Algorithm parse_algorithm(const std::string& name) {
                         "' (second_order, first_order or reptile)");
 }
 
-std::unique_ptr<MlpEngine> make_engine(std::vector<int64_t> widths, const std::vector<std::string>& activations,
-                      std::vector<bool> has_bias, int64_t head, const std::string& loss) {
+std::unique_ptr<MlpEngine> make_engine(std::vector<int64_t> widths,
+                                       const std::vector<std::string>& activations,
+                                       std::vector<bool> has_bias, int64_t head,
+                                       const std::string& loss) {
   MlpSpec spec;
   spec.widths = std::move(widths);
   for (const std::string& a : activations) spec.activations.push_back(parse_activation(a));
@@ -50,24 +52,30 @@ std::unique_ptr<MlpEngine> make_engine(std::vector<int64_t> widths, const std::v
 
 // One pointer per parameter tensor (nn.Linear order), each checked against the spec.
 template <typename Scalar>
-std::vector<const Scalar*> tensor_pointers(const MlpSpec& spec, const py::list& tensors,
-                                           const char* what) {
+std::vector<Scalar*> tensor_pointers(const MlpSpec& spec, const py::list& tensors,
+                                     const char* what, bool writable) {
   if (static_cast<int64_t>(tensors.size()) != spec.num_tensors())
     throw py::value_error(std::string(what) + ": expected " + std::to_string(spec.num_tensors()) +
                           " tensors, got " + std::to_string(tensors.size()));
-  std::vector<const Scalar*> pointers;
+  std::vector<Scalar*> pointers;
   std::size_t i = 0;
-  for (int64_t l = 0; l < spec.num_layers(); ++l) {
+  const auto add = [&](int64_t numel) {
     const std::string name = std::string(what) + "[" + std::to_string(i) + "]";
-    pointers.push_back(view_flat<Scalar>(tensors[i++].cast<py::buffer>(), name.c_str(),
-                                         spec.widths[l + 1] * spec.widths[l], false).data);
-    if (spec.has_bias[l]) {
-      const std::string bias = std::string(what) + "[" + std::to_string(i) + "]";
-      pointers.push_back(view_flat<Scalar>(tensors[i++].cast<py::buffer>(), bias.c_str(),
-                                           spec.widths[l + 1], false).data);
-    }
+    pointers.push_back(
+        view_flat<Scalar>(tensors[i++].cast<py::buffer>(), name.c_str(), numel, writable).data);
+  };
+  for (int64_t l = 0; l < spec.num_layers(); ++l) {
+    add(spec.widths[l + 1] * spec.widths[l]);
+    if (spec.has_bias[l]) add(spec.widths[l + 1]);
   }
   return pointers;
+}
+
+template <typename Scalar>
+std::vector<const Scalar*> input_pointers(const MlpSpec& spec, const py::list& tensors,
+                                          const char* what) {
+  std::vector<Scalar*> pointers = tensor_pointers<Scalar>(spec, tensors, what, false);
+  return std::vector<const Scalar*>(pointers.begin(), pointers.end());
 }
 
 // Targets: [T, N * out] values (mse) or [T, N] labels in [0, out) (cross-entropy).
@@ -92,7 +100,7 @@ Scalar* optional_output(const py::object& obj, const char* name,
 }
 
 template <typename Scalar>
-void meta_step_typed(MlpEngine& engine, const py::list& params, const py::object& lr,
+bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object& lr,
                      const std::string& algorithm, int64_t inner_steps,
                      const py::buffer& support_x, const py::buffer& support_y,
                      const py::object& query_x, const py::object& query_y, bool need_grad,
@@ -105,11 +113,11 @@ void meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
   if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
   args.inner_steps = inner_steps;
   args.need_grad = need_grad;
-  args.params = tensor_pointers<Scalar>(spec, params, "params");
+  args.params = input_pointers<Scalar>(spec, params, "params");
   if (py::isinstance<py::list>(lr)) {
     if (args.algorithm == Algorithm::reptile)
       throw py::value_error("meta_step: reptile takes a scalar inner learning rate");
-    args.lrs = tensor_pointers<Scalar>(spec, lr.cast<py::list>(), "lr");
+    args.lrs = input_pointers<Scalar>(spec, lr.cast<py::list>(), "lr");
   } else {
     args.lr = lr.cast<Scalar>();
   }
@@ -145,15 +153,20 @@ void meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
   const int64_t num_params = spec.num_params();
   if ((need_grad || args.algorithm == Algorithm::reptile) && grad.is_none())
     throw py::value_error("meta_step: grad is required when need_grad (and for reptile)");
-  args.grad = optional_output<Scalar>(grad, "grad", {num_params});
-  if (!args.lrs.empty()) args.lr_grad = optional_output<Scalar>(lr_grad, "lr_grad", {num_params});
+  if (!grad.is_none())
+    args.grads = tensor_pointers<Scalar>(spec, grad.cast<py::list>(), "grad", true);
+  if (!args.lrs.empty() && !lr_grad.is_none())
+    args.lr_grads = tensor_pointers<Scalar>(spec, lr_grad.cast<py::list>(), "lr_grad", true);
   args.adapted = optional_output<Scalar>(adapted, "adapted", {args.tasks, num_params});
 
-  py::gil_scoped_release release;
-  engine.meta_step(args);
+  {
+    py::gil_scoped_release release;
+    engine.meta_step(args);
+  }
+  return args.all_finite;
 }
 
-void meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
+bool meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
                const std::string& algorithm, int64_t inner_steps, const py::buffer& support_x,
                const py::buffer& support_y, const py::object& query_x, const py::object& query_y,
                bool need_grad, const py::buffer& support_loss, const py::object& query_loss,
@@ -161,15 +174,14 @@ void meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
                const py::object& lr_grad, const py::object& adapted) {
   const std::string format = support_x.request().format;
   if (format == py::format_descriptor<float>::format())
-    meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
+    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
                            query_x, query_y, need_grad, support_loss, query_loss,
                            query_accuracy, grad, lr_grad, adapted);
-  else if (format == py::format_descriptor<double>::format())
-    meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
+  if (format == py::format_descriptor<double>::format())
+    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
                             query_x, query_y, need_grad, support_loss, query_loss,
                             query_accuracy, grad, lr_grad, adapted);
-  else
-    throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
+  throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
 }
 
 }  // namespace
@@ -187,7 +199,9 @@ void bind_mlp_engine(py::module_& m) {
            py::arg("query_x"), py::arg("query_y"), py::arg("need_grad"),
            py::arg("support_loss"), py::arg("query_loss"), py::arg("query_accuracy"),
            py::arg("grad"), py::arg("lr_grad"), py::arg("adapted"),
-           "Runs one meta-step for every task and writes the given output buffers")
+           "Runs one meta-step for every task and writes the given output buffers (grad and "
+           "lr_grad: one buffer per parameter tensor; adapted: [T, P]). Returns whether every "
+           "support and query loss is finite.")
       .def_property_readonly("num_params", [](const MlpEngine& e) { return e.spec().num_params(); })
       .def_property_readonly("workspace_bytes", &MlpEngine::workspace_bytes);
   m.def("engine_isa", &engine_isa, "The instruction set the MLP engine's kernels use");

@@ -57,7 +57,7 @@ Isa detect_isa() {
 const Isa kIsa = detect_isa();
 
 template <typename Scalar>
-void dispatch(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, Arena& arena) {
+void dispatch(const MlpSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena) {
   switch (kIsa) {
 #if defined(FASTMETA_X86_VARIANTS)
     case Isa::avx512:
@@ -85,14 +85,16 @@ const char* engine_isa() {
 
 MlpEngine::MlpEngine(MlpSpec spec) : spec_(std::move(spec)) { spec_.validate(); }
 
-void MlpEngine::meta_step(const MetaStepArgs<float>& args) {
+void MlpEngine::meta_step(MetaStepArgs<float>& args) {
   std::lock_guard<std::mutex> lock(mutex_);
   dispatch(spec_, args, arena_);
+  if (!args.all_finite) arena_.invalidate();
 }
 
-void MlpEngine::meta_step(const MetaStepArgs<double>& args) {
+void MlpEngine::meta_step(MetaStepArgs<double>& args) {
   std::lock_guard<std::mutex> lock(mutex_);
   dispatch(spec_, args, arena_);
+  if (!args.all_finite) arena_.invalidate();
 }
 
 }  // namespace fastmeta

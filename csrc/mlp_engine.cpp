@@ -1,8 +1,9 @@
 // The meta-step driver: per-task inner loop, query gradient and reverse sweep, run in
-// parallel over tasks, then the in-order reduction over tasks.
+// parallel over tasks, each task's gradient added to the sum in task order.
 //
 // Compiled once per instruction set (FASTMETA_ISA names the namespace; see simd.h).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -26,20 +27,24 @@ template <typename Scalar>
 struct ThreadWorkspace {
   PassBuffers<Scalar> support, query;
   std::vector<Scalar*> phi;    // phi_1 .. phi_K (second order), or one slot updated in place
-  std::vector<Scalar*> grads;  // g_0 .. g_{K-1} (Meta-SGD, second order), or one slot
+  std::vector<Scalar*> grads;  // per-parameter rates: g_0 .. g_{K-1} (Meta-SGD, second
+                               // order) or one slot; a scalar rate needs none
   Scalar* grad_sum = nullptr;  // Meta-SGD, first order: sum_k g_k
-  Scalar* direction = nullptr; // u = alpha * v_{k+1} of the current sweep step
+  Scalar* direction = nullptr; // per-parameter rates: u = alpha * v_{k+1} of the sweep step
+  Scalar* grad = nullptr;      // the current task's meta-gradient (padded, all layers)
+  Scalar* lr_grad = nullptr;   // ... and its rate gradient (Meta-SGD)
 };
 
 template <typename Scalar>
 class MetaStep {
  public:
-  MetaStep(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, int num_threads)
+  MetaStep(const MlpSpec& spec, MetaStepArgs<Scalar>& args, int num_threads)
       : spec_(spec), layout_(spec), args_(args), num_threads_(num_threads) {
     reptile_ = args.algorithm == Algorithm::reptile;
     need_grad_ = reptile_ || args.need_grad;
     second_order_ = args.algorithm == Algorithm::second_order && need_grad_;
-    meta_sgd_ = !args.lrs.empty() && !reptile_ && need_grad_ && args.lr_grad;
+    vector_lr_ = !args.lrs.empty();
+    meta_sgd_ = vector_lr_ && !reptile_ && need_grad_ && !args.lr_grads.empty();
     history_ = second_order_ ? args.inner_steps : 1;
   }
 
@@ -48,10 +53,10 @@ class MetaStep {
     Carver c(base);
     const int64_t pp = layout_.padded_size, hp = layout_.head_size(), tasks = args_.tasks;
     theta_ = c.take<Scalar>(pp);
-    alpha_ = c.take<Scalar>(pp);
+    alpha_ = vector_lr_ ? c.take<Scalar>(pp) : nullptr;
     mean_ = c.take<Scalar>(pp);
-    grad_rows_ = need_grad_ ? c.take<Scalar>(tasks * pp) : nullptr;
-    lr_rows_ = meta_sgd_ ? c.take<Scalar>(tasks * pp) : nullptr;
+    lr_mean_ = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
+    reptile_rows_ = reptile_ ? c.take<Scalar>(tasks * pp) : nullptr;
     threads_.assign(num_threads_, ThreadWorkspace<Scalar>());
     for (ThreadWorkspace<Scalar>& w : threads_) {
       carve_pass(c, w.support, args_.support, second_order_);
@@ -59,9 +64,12 @@ class MetaStep {
       w.phi.clear();
       for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(hp));
       w.grads.clear();
-      for (int64_t k = 0; k < (meta_sgd_ ? history_ : 1); ++k) w.grads.push_back(c.take<Scalar>(hp));
+      const int64_t grad_slots = !vector_lr_ ? 0 : meta_sgd_ ? history_ : 1;
+      for (int64_t k = 0; k < grad_slots; ++k) w.grads.push_back(c.take<Scalar>(hp));
       w.grad_sum = meta_sgd_ && !second_order_ ? c.take<Scalar>(hp) : nullptr;
-      w.direction = second_order_ ? c.take<Scalar>(hp) : nullptr;
+      w.direction = second_order_ && vector_lr_ ? c.take<Scalar>(hp) : nullptr;
+      w.grad = need_grad_ && !reptile_ ? c.take<Scalar>(pp) : nullptr;
+      w.lr_grad = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
     }
     return c.size();
   }
@@ -71,7 +79,7 @@ class MetaStep {
     std::string s = std::to_string(sizeof(Scalar));
     for (int64_t v : {args_.tasks, args_.support, args_.query, args_.inner_steps,
                       int64_t(num_threads_), int64_t(args_.algorithm), int64_t(need_grad_),
-                      int64_t(meta_sgd_), layout_.head})
+                      int64_t(vector_lr_), int64_t(meta_sgd_), layout_.head})
       s += "," + std::to_string(v);
     for (int64_t w : spec_.widths) s += ";" + std::to_string(w);
     return s;
@@ -79,31 +87,40 @@ class MetaStep {
 
   void run() {
     layout_.pack(args_.params, theta_);
-    if (args_.lrs.empty())
-      layout_.fill(args_.lr, alpha_);
-    else
-      layout_.pack(args_.lrs, alpha_);
+    if (vector_lr_) layout_.pack(args_.lrs, alpha_);
 
-#pragma omp parallel for num_threads(num_threads_) schedule(static, 1)
-    for (int64_t t = 0; t < args_.tasks; ++t) {
+    // Each task's gradient is computed in its thread's buffers, then added to the sum in
+    // task order (the ordered region): the same additions in the same order for any
+    // number of threads, and no [T, P] buffer to stream through memory.
+#pragma omp parallel num_threads(num_threads_)
+    {
 #ifdef _OPENMP
       ThreadWorkspace<Scalar>& w = threads_[omp_get_thread_num()];
 #else
       ThreadWorkspace<Scalar>& w = threads_[0];
 #endif
-      run_task(t, w);
+#pragma omp for schedule(static, 1) ordered
+      for (int64_t t = 0; t < args_.tasks; ++t) {
+        run_task(t, w);
+#pragma omp ordered
+        {
+          if (w.grad) add_in_order(t, w.grad, mean_);
+          if (w.lr_grad) add_in_order(t, w.lr_grad, lr_mean_);
+        }
+      }
     }
 
-    const int64_t pp = layout_.padded_size;
+    args_.all_finite = all_finite(args_.support_loss, args_.tasks * args_.inner_steps) &&
+                       (reptile_ || all_finite(args_.query_loss, args_.tasks));
     if (reptile_) {
-      reptile_direction<Scalar>(theta_, grad_rows_, args_.tasks, pp, mean_);
-      layout_.unpack(mean_, args_.grad);
+      reptile_direction<Scalar>(theta_, reptile_rows_, args_.tasks, layout_.padded_size, mean_);
+      layout_.unpack(mean_, args_.grads);
     } else if (need_grad_) {
-      mean_over_tasks(grad_rows_, mean_);
-      layout_.unpack(mean_, args_.grad);
+      scale(mean_, Scalar(1) / Scalar(args_.tasks));
+      layout_.unpack(mean_, args_.grads);
       if (meta_sgd_) {
-        mean_over_tasks(lr_rows_, mean_);
-        layout_.unpack(mean_, args_.lr_grad);
+        scale(lr_mean_, Scalar(1) / Scalar(args_.tasks));
+        layout_.unpack(lr_mean_, args_.lr_grads);
       }
     }
   }
@@ -156,8 +173,9 @@ class MetaStep {
 
   void run_task(int64_t t, ThreadWorkspace<Scalar>& w) const {
     const int64_t layers = layout_.num_layers(), head = layout_.head, steps = args_.inner_steps;
-    const int64_t hp = layout_.head_size(), in = spec_.widths[0];
-    const Scalar* alpha = alpha_ + layout_.head_offset;
+    const int64_t hp = layout_.head_size(), in = spec_.widths[0], ho = layout_.head_offset;
+    const Scalar* alpha = vector_lr_ ? alpha_ + ho : nullptr;
+    const Scalar lr = args_.lr;
     const ParamView<const Scalar> theta{theta_, 0};
 
     // Inner loop on the support set; ANIL's body features are computed once.
@@ -167,13 +185,18 @@ class MetaStep {
     if (head > 0) forward(layout_, theta, sup, 0, head);
     for (int64_t k = 0; k < steps; ++k) {
       const ParamView<const Scalar> now = phi(w, k);
+      Scalar* next = w.phi[std::min<int64_t>(k + 1, history_) - 1];
       forward(layout_, now, sup, head, layers);
       args_.support_loss[t * steps + k] = loss(sup, sup_y, true, nullptr);
+      if (!vector_lr_) {  // phi_{k+1} = phi_k - lr g_k, written by the gradient's products
+        const ParamSink<Scalar> step{{next, ho}, -lr, now};
+        backward(layout_, now, sup, head, layers, &step, false);
+        continue;
+      }
       Scalar* g = w.grads[meta_sgd_ && second_order_ ? k : 0];
-      backward(layout_, now, sup, head, layers, ParamView<Scalar>{g, layout_.head_offset}, false,
-               false);
+      const ParamSink<Scalar> grad{{g, ho}};
+      backward(layout_, now, sup, head, layers, &grad, false);
       const Scalar* from = now.weight(layout_.layers[head]);
-      Scalar* next = w.phi[std::min<int64_t>(k + 1, history_) - 1];
 #pragma omp simd
       for (int64_t i = 0; i < hp; ++i) next[i] = from[i] - alpha[i] * g[i];
       if (w.grad_sum) {
@@ -188,9 +211,9 @@ class MetaStep {
       layout_.unpack(theta_, adapted.base, args_.adapted + t * layout_.user_size);
 
     if (reptile_) {  // Reptile needs only phi_K: theta's rows for the body, phi_K's for the rest
-      Scalar* row = grad_rows_ + t * layout_.padded_size;
-      std::memcpy(row, theta_, sizeof(Scalar) * layout_.head_offset);
-      std::memcpy(row + layout_.head_offset, adapted.base, sizeof(Scalar) * hp);
+      Scalar* row = reptile_rows_ + t * layout_.padded_size;
+      std::memcpy(row, theta_, sizeof(Scalar) * ho);
+      std::memcpy(row + ho, adapted.base, sizeof(Scalar) * hp);
       return;
     }
 
@@ -203,89 +226,103 @@ class MetaStep {
     args_.query_loss[t] = loss(qry, qry_y, need_grad_,
                                args_.query_accuracy ? args_.query_accuracy + t : nullptr);
     if (!need_grad_) return;
-    Scalar* row = grad_rows_ + t * layout_.padded_size;
-    const ParamView<Scalar> v{row + layout_.head_offset, layout_.head_offset};
-    backward(layout_, adapted, qry, head, layers, v, false, head > 0);
-    Scalar* lr_row = meta_sgd_ ? lr_rows_ + t * layout_.padded_size : nullptr;
+    Scalar* row = w.grad;
+    const ParamView<Scalar> v{row + ho, ho};
+    const ParamSink<Scalar> query_grad{v};
+    backward(layout_, adapted, qry, head, layers, &query_grad, head > 0);
+    Scalar* lr_row = w.lr_grad;
     if (lr_row) std::memset(lr_row, 0, sizeof(Scalar) * layout_.padded_size);
 
     if (!second_order_) {
       // dL/dalpha = -sum_k g_k * v_K (the inner gradients are constants).
       if (lr_row)
 #pragma omp simd
-        for (int64_t i = 0; i < hp; ++i) lr_row[layout_.head_offset + i] = -w.grad_sum[i] * v.base[i];
+        for (int64_t i = 0; i < hp; ++i) lr_row[ho + i] = -w.grad_sum[i] * v.base[i];
     } else {
       // Reverse sweep: v_k = v_{k+1} - H_k (alpha * v_{k+1}). Step K-1's support
       // activations are still in `sup` from the inner loop; earlier ones are recomputed.
+      // With a scalar rate, H_k (lr v) = lr H_k v: the direction is v itself.
       Scalar* features_grad = head > 0 ? sup.dact[head] : nullptr;
       if (features_grad)
         std::memset(features_grad, 0, sizeof(Scalar) * sup.rows * layout_.width(head));
-      const ParamView<const Scalar> u{w.direction, layout_.head_offset};
+      const ParamView<const Scalar> u{vector_lr_ ? w.direction : v.base, ho};
+      const Scalar scale = vector_lr_ ? Scalar(-1) : -lr;
+      const ParamSink<Scalar> sweep{v, scale, {v.base, v.origin}};
       for (int64_t k = steps - 1; k >= 0; --k) {
         const ParamView<const Scalar> now = phi(w, k);
         if (k < steps - 1) {
           forward(layout_, now, sup, head, layers);
           loss(sup, sup_y, true, nullptr);
-          backward(layout_, now, sup, head, layers, ParamView<Scalar>{nullptr, 0}, false, false);
+          backward<Scalar>(layout_, now, sup, head, layers, nullptr, false);
         }
+        if (vector_lr_)
 #pragma omp simd
-        for (int64_t i = 0; i < hp; ++i) w.direction[i] = alpha[i] * v.base[i];
+          for (int64_t i = 0; i < hp; ++i) w.direction[i] = alpha[i] * v.base[i];
         if (lr_row) {  // dL/dalpha = -sum_k g_k * v_{k+1}
           const Scalar* g = w.grads[k];
 #pragma omp simd
-          for (int64_t i = 0; i < hp; ++i) lr_row[layout_.head_offset + i] -= g[i] * v.base[i];
+          for (int64_t i = 0; i < hp; ++i) lr_row[ho + i] -= g[i] * v.base[i];
         }
         r_forward(layout_, now, u, sup, head, layers);
         loss_r_delta(spec_.loss, sup.rows, spec_.widths.back(), sup.act[layers], sup.ract[layers],
                      layout_.width(layers), sup.rdact[layers]);
-        r_backward(layout_, now, u, sup, head, layers, v, Scalar(-1), features_grad, Scalar(-1));
+        r_backward(layout_, now, u, sup, head, layers, sweep, features_grad, scale);
       }
     }
 
     // ANIL: the body's gradient through the query features and (second order) through
     // the support features' effect on every inner step.
     if (head > 0) {
-      const ParamView<Scalar> body{row, 0};
-      backward(layout_, theta, qry, 0, head, body, false, false);
-      if (second_order_) backward(layout_, theta, sup, 0, head, body, true, false);
+      const ParamSink<Scalar> body{{row, 0}};
+      backward(layout_, theta, qry, 0, head, &body, false);
+      if (second_order_) {
+        const ParamSink<Scalar> more{{row, 0}, Scalar(1), {row, 0}};
+        backward(layout_, theta, sup, 0, head, &more, false);
+      }
     }
   }
 
-  // out[p] = mean_t rows[t, p], summed in task order for every p (thread-count independent).
-  void mean_over_tasks(const Scalar* rows, Scalar* out) const {
-    constexpr int64_t kChunk = 1024;
-    const int64_t pp = layout_.padded_size, tasks = args_.tasks;
-    const int64_t chunks = (pp + kChunk - 1) / kChunk;
-    const Scalar inv = Scalar(1) / Scalar(tasks);
-#pragma omp parallel for num_threads(num_threads_) schedule(static) if (chunks > 8)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t begin = c * kChunk, end = std::min(pp, begin + kChunk);
-      std::memcpy(out + begin, rows + begin, sizeof(Scalar) * (end - begin));
-      for (int64_t t = 1; t < tasks; ++t) {
-        const Scalar* r = rows + t * pp;
-#pragma omp simd
-        for (int64_t p = begin; p < end; ++p) out[p] += r[p];
-      }
-#pragma omp simd
-      for (int64_t p = begin; p < end; ++p) out[p] *= inv;
+  static bool all_finite(const Scalar* values, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+      if (!std::isfinite(values[i])) return false;
+    return true;
+  }
+
+  // sum = task 0's values, then sum += task t's, for t = 1, 2, ... (called in task order).
+  void add_in_order(int64_t t, const Scalar* values, Scalar* sum) const {
+    const int64_t pp = layout_.padded_size;
+    if (t == 0) {
+      std::memcpy(sum, values, sizeof(Scalar) * pp);
+      return;
     }
+#pragma omp simd
+    for (int64_t p = 0; p < pp; ++p) sum[p] += values[p];
+  }
+
+  void scale(Scalar* values, Scalar factor) const {
+#pragma omp simd
+    for (int64_t p = 0; p < layout_.padded_size; ++p) values[p] *= factor;
   }
 
   const MlpSpec& spec_;
   const MlpLayout<Scalar> layout_;
-  const MetaStepArgs<Scalar>& args_;
+  MetaStepArgs<Scalar>& args_;
   const int num_threads_;
-  bool reptile_ = false, need_grad_ = false, second_order_ = false, meta_sgd_ = false;
+  bool reptile_ = false, need_grad_ = false, second_order_ = false;
+  bool vector_lr_ = false;  // per-parameter inner rates (Meta-SGD) rather than one scalar
+  bool meta_sgd_ = false;   // ... and their gradient is wanted
   int64_t history_ = 1;
-  Scalar *theta_ = nullptr, *alpha_ = nullptr, *mean_ = nullptr;
-  Scalar *grad_rows_ = nullptr, *lr_rows_ = nullptr;
+  Scalar *theta_ = nullptr, *alpha_ = nullptr;
+  Scalar *mean_ = nullptr, *lr_mean_ = nullptr;  // sums over tasks, then means
+  Scalar* reptile_rows_ = nullptr;               // Reptile: every task's phi_K [T, Pp]
   std::vector<ThreadWorkspace<Scalar>> threads_;
 };
 
 template <typename Scalar>
-void run_meta_step(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, Arena& arena) {
+void run_meta_step(const MlpSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena) {
 #ifdef _OPENMP
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), args.tasks)));
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), args.tasks)));
 #else
   const int threads = 1;
 #endif
@@ -297,10 +334,10 @@ void run_meta_step(const MlpSpec& spec, const MetaStepArgs<Scalar>& args, Arena&
 
 }  // namespace
 
-void meta_step(const MlpSpec& spec, const MetaStepArgs<float>& args, Arena& arena) {
+void meta_step(const MlpSpec& spec, MetaStepArgs<float>& args, Arena& arena) {
   run_meta_step(spec, args, arena);
 }
-void meta_step(const MlpSpec& spec, const MetaStepArgs<double>& args, Arena& arena) {
+void meta_step(const MlpSpec& spec, MetaStepArgs<double>& args, Arena& arena) {
   run_meta_step(spec, args, arena);
 }
 

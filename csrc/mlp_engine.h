@@ -5,8 +5,8 @@
 // phi_K and its gradient v_K, then the reverse sweep v_k = v_{k+1} - H_k (alpha * v_{k+1})
 // with Hessian-vector products by forward-over-reverse, recomputing each step's
 // activations from the stored phi_k (memory O(threads * K * P), never activations x K).
-// Tasks run in parallel (OpenMP); per-task results go to [T, P] rows reduced in task
-// order, so the result is bitwise the same for any number of threads.
+// Tasks run in parallel (OpenMP), each whole on one thread; their gradients are summed in
+// task order, so the result is bitwise the same for any number of threads.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -29,6 +29,9 @@ class Arena {
 
   // Makes room for `bytes`; zeroes the block when `plan` differs from the last call's.
   char* prepare(std::size_t bytes, const std::string& plan);
+  // Forces the next prepare() to zero the block (after a call that produced non-finite
+  // values: insurance that nothing of it is ever read again).
+  void invalidate() { plan_.clear(); }
   std::size_t capacity() const { return capacity_; }
 
  private:
@@ -60,8 +63,8 @@ class MlpEngine {
  public:
   explicit MlpEngine(MlpSpec spec);
 
-  void meta_step(const MetaStepArgs<float>& args);
-  void meta_step(const MetaStepArgs<double>& args);
+  void meta_step(MetaStepArgs<float>& args);
+  void meta_step(MetaStepArgs<double>& args);
 
   const MlpSpec& spec() const { return spec_; }
   std::size_t workspace_bytes() const { return arena_.capacity(); }

@@ -7,8 +7,8 @@
 #define FASTMETA_DECLARE_ENGINE(isa)                                               \
   namespace fastmeta {                                                             \
   namespace isa {                                                                  \
-  void meta_step(const MlpSpec& spec, const MetaStepArgs<float>& args, Arena& arena);  \
-  void meta_step(const MlpSpec& spec, const MetaStepArgs<double>& args, Arena& arena); \
+  void meta_step(const MlpSpec& spec, MetaStepArgs<float>& args, Arena& arena);  \
+  void meta_step(const MlpSpec& spec, MetaStepArgs<double>& args, Arena& arena); \
   }                                                                                \
   }
 

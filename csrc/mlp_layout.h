@@ -78,7 +78,8 @@ struct MlpLayout {
       for (int64_t o = 0; o < layer.out; ++o)
         std::memcpy(padded + layer.weight + o * layer.in_pad, w + o * layer.in,
                     sizeof(Scalar) * layer.in);
-      if (layer.bias >= 0) std::memcpy(padded + layer.bias, tensors[t++], sizeof(Scalar) * layer.out);
+      if (layer.bias >= 0)
+        std::memcpy(padded + layer.bias, tensors[t++], sizeof(Scalar) * layer.out);
     }
   }
 
@@ -88,6 +89,19 @@ struct MlpLayout {
         for (int64_t i = 0; i < layer.in; ++i) padded[layer.weight + o * layer.in_pad + i] = value;
       if (layer.bias >= 0)
         for (int64_t o = 0; o < layer.out; ++o) padded[layer.bias + o] = value;
+    }
+  }
+
+  // One pointer per tensor (nn.Linear order) from a padded vector.
+  void unpack(const Scalar* padded, const std::vector<Scalar*>& tensors) const {
+    std::size_t t = 0;
+    for (const LayerLayout& layer : layers) {
+      Scalar* w = tensors[t++];
+      for (int64_t o = 0; o < layer.out; ++o)
+        std::memcpy(w + o * layer.in, padded + layer.weight + o * layer.in_pad,
+                    sizeof(Scalar) * layer.in);
+      if (layer.bias >= 0)
+        std::memcpy(tensors[t++], padded + layer.bias, sizeof(Scalar) * layer.out);
     }
   }
 
@@ -101,8 +115,8 @@ struct MlpLayout {
   void unpack(const Scalar* body, const Scalar* adapted, Scalar* flat) const {
     for (int64_t l = 0; l < num_layers(); ++l) {
       const LayerLayout& layer = layers[l];
-      const ParamView<const Scalar> src =
-          l < head ? ParamView<const Scalar>{body, 0} : ParamView<const Scalar>{adapted, head_offset};
+      const ParamView<const Scalar> src = l < head ? ParamView<const Scalar>{body, 0}
+                                                   : ParamView<const Scalar>{adapted, head_offset};
       for (int64_t o = 0; o < layer.out; ++o, flat += layer.in)
         std::memcpy(flat, src.weight(layer) + o * layer.in_pad, sizeof(Scalar) * layer.in);
       if (layer.bias >= 0) {

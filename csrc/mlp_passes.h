@@ -13,6 +13,7 @@
 // its body, or all of them. R{x} of the range's input is zero: inputs and ANIL's
 // features do not depend on the adapted weights.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -66,43 +67,72 @@ void forward(const MlpLayout<Scalar>& layout, ParamView<const Scalar> params,
   }
 }
 
-// sum over rows of d [rows, cols] (row stride ld), times scale, into (or onto) out.
+// Where a pass puts a parameter-shaped result g (a gradient, or H u):
+//   out = addend + scale * g
+// addend.base null: nothing added; addend == out: accumulate; addend = phi_k and scale =
+// -lr: the SGD step phi_{k+1} = phi_k - lr g, fused into the product's last write.
+template <typename Scalar>
+struct ParamSink {
+  ParamView<Scalar> out;
+  Scalar scale = Scalar(1);
+  ParamView<const Scalar> addend{nullptr, 0};
+};
+
+// out[j] = addend[j] + scale * sum_r d[r, j] (addend may be null or alias out). Rows are
+// added whole (contiguous, vectorised) into a chunk of running totals.
 template <typename Scalar>
 void sum_rows(int64_t rows, int64_t cols, const Scalar* d, int64_t ld, Scalar scale,
-              bool accumulate, Scalar* out) {
-  if (!accumulate) std::memset(out, 0, sizeof(Scalar) * cols);
-  for (int64_t r = 0; r < rows; ++r) {
+              const Scalar* addend, Scalar* out) {
+  constexpr int64_t kChunk = 256;
+  Scalar total[kChunk];
+  for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, cols - j0);
+    std::memcpy(total, d + j0, sizeof(Scalar) * n);
+    for (int64_t r = 1; r < rows; ++r) {
+      const Scalar* row = d + r * ld + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) out[j] += scale * d[r * ld + j];
+      for (int64_t j = 0; j < n; ++j) total[j] += row[j];
+    }
+    for (int64_t j = 0; j < n; ++j)
+      out[j0 + j] = (addend ? addend[j0 + j] : Scalar(0)) + scale * total[j];
   }
 }
 
+// Layer `layer`'s weight and bias results from the products of the given operand pairs
+// (ops: d read transposed against the layer inputs; `rows` samples deep) into `sink`.
+template <typename Scalar>
+void write_param_result(const LayerLayout& layer, int64_t rows, const AxpyOperand<Scalar>* ops,
+                        int num_ops, const Scalar* bias_rows, const ParamSink<Scalar>& sink) {
+  const Scalar* addend = sink.addend.base ? sink.addend.weight(layer) : nullptr;
+  gemm_axpy(layer.out, layer.in_pad, rows, ops, num_ops, sink.scale, addend, layer.in_pad,
+            sink.out.weight(layer), layer.in_pad);
+  if (layer.bias >= 0)
+    sum_rows(rows, layer.out, bias_rows, layer.out_pad, sink.scale,
+             sink.addend.base ? sink.addend.bias(layer) : nullptr, sink.out.bias(layer));
+}
+
 // Back-propagates dact[to] through layers [from, to): dpre[l]; the parameter gradient
-// into `grad` (skipped when grad.base is null; added to it when accumulate); dact[l]
-// for from < l < to, and dact[from] too when input_delta.
+// into `sink` (skipped when null); dact[l] for from < l < to, and dact[from] too when
+// input_delta.
 template <typename Scalar>
 void backward(const MlpLayout<Scalar>& layout, ParamView<const Scalar> params,
-              PassBuffers<Scalar>& buf, int64_t from, int64_t to, ParamView<Scalar> grad,
-              bool accumulate, bool input_delta) {
+              PassBuffers<Scalar>& buf, int64_t from, int64_t to, const ParamSink<Scalar>* sink,
+              bool input_delta) {
   const int64_t rows = buf.rows;
   for (int64_t l = to - 1; l >= from; --l) {
     const LayerLayout& layer = layout.layers[l];
     multiply_by_slope(layer.act, rows, layer.out, buf.act[l + 1], buf.dact[l + 1], buf.dpre[l],
                       layer.out_pad);
-    if (grad.base) {
-      // grad W[o, :] = sum_n d[n, o] x[n, :]: d read transposed, in place.
-      const AxpyOperand<Scalar> op{buf.dpre[l], 1, layer.out_pad, buf.in(l), layer.in_pad};
-      gemm_axpy(layer.out, layer.in_pad, rows, &op, 1, Scalar(1), accumulate,
-                grad.weight(layer), layer.in_pad);
-      if (layer.bias >= 0)
-        sum_rows(rows, layer.out, buf.dpre[l], layer.out_pad, Scalar(1), accumulate,
-                 grad.bias(layer));
-    }
+    // delta_x = d W first: the sink may overwrite W (an in-place SGD step).
     if (l > from || input_delta) {
       const AxpyOperand<Scalar> op{buf.dpre[l], layer.out_pad, 1, params.weight(layer),
                                    layer.in_pad};
-      gemm_axpy(rows, layer.in_pad, layer.out, &op, 1, Scalar(1), false, buf.dact[l],
+      gemm_axpy<Scalar>(rows, layer.in_pad, layer.out, &op, 1, Scalar(1), nullptr, 0, buf.dact[l],
                 layer.in_pad);
+    }
+    if (sink) {  // grad W[o, :] = sum_n d[n, o] x[n, :]: d read transposed, in place
+      const AxpyOperand<Scalar> op{buf.dpre[l], 1, layer.out_pad, buf.in(l), layer.in_pad};
+      write_param_result(layer, rows, &op, 1, buf.dpre[l], *sink);
     }
   }
 }
@@ -123,36 +153,36 @@ void r_forward(const MlpLayout<Scalar>& layout, ParamView<const Scalar> params,
   }
 }
 
-// R-backward through layers [from, to) from rdact[to]: adds scale * (H u) to `hu`, and,
-// when input_target is non-null, adds input_scale * R{delta} of the range's input to it
-// (ANIL: the derivative of the inner gradient with respect to the features).
+// R-backward through layers [from, to) from rdact[to]: writes H u into `hu` (usually
+// accumulating: v_k = v_{k+1} - lr H u), and, when input_target is non-null, adds
+// input_scale * R{delta} of the range's input to it (ANIL: the derivative of the inner
+// gradient with respect to the features). Each layer reads u's weights before `hu` is
+// written, so u may alias the accumulator (scalar learning rate: u = v, scale = -lr).
 template <typename Scalar>
 void r_backward(const MlpLayout<Scalar>& layout, ParamView<const Scalar> params,
                 ParamView<const Scalar> u, PassBuffers<Scalar>& buf, int64_t from, int64_t to,
-                ParamView<Scalar> hu, Scalar scale, Scalar* input_target, Scalar input_scale) {
+                const ParamSink<Scalar>& hu, Scalar* input_target, Scalar input_scale) {
   const int64_t rows = buf.rows;
   for (int64_t l = to - 1; l >= from; --l) {
     const LayerLayout& layer = layout.layers[l];
     activation_r_backward(layer.act, rows, layer.out, buf.act[l + 1], buf.rpre[l],
                           buf.dact[l + 1], buf.rdact[l + 1], buf.rdpre[l], layer.out_pad);
-    const AxpyOperand<Scalar> hu_ops[2] = {
-        {buf.rdpre[l], 1, layer.out_pad, buf.in(l), layer.in_pad},
-        {buf.dpre[l], 1, layer.out_pad, buf.ract[l], layer.in_pad}};
-    gemm_axpy(layer.out, layer.in_pad, rows, hu_ops, l > from ? 2 : 1, scale, true,
-              hu.weight(layer), layer.in_pad);
-    if (layer.bias >= 0)
-      sum_rows(rows, layer.out, buf.rdpre[l], layer.out_pad, scale, true, hu.bias(layer));
-    if (l > from || input_target) {
+    if (l > from || input_target) {  // R{delta_x} = R{d} W + d U
       const AxpyOperand<Scalar> ops[2] = {
           {buf.rdpre[l], layer.out_pad, 1, params.weight(layer), layer.in_pad},
           {buf.dpre[l], layer.out_pad, 1, u.weight(layer), layer.in_pad}};
       if (l > from)
-        gemm_axpy(rows, layer.in_pad, layer.out, ops, 2, Scalar(1), false, buf.rdact[l],
-                  layer.in_pad);
+        gemm_axpy<Scalar>(rows, layer.in_pad, layer.out, ops, 2, Scalar(1), nullptr, 0,
+                          buf.rdact[l], layer.in_pad);
       else
-        gemm_axpy(rows, layer.in_pad, layer.out, ops, 2, input_scale, true, input_target,
-                  layer.in_pad);
+        gemm_axpy(rows, layer.in_pad, layer.out, ops, 2, input_scale, input_target,
+                  layer.in_pad, input_target, layer.in_pad);
     }
+    // (H u)_W = R{d}^T x + d^T R{x}, (H u)_b = sum_rows R{d}
+    const AxpyOperand<Scalar> ops[2] = {
+        {buf.rdpre[l], 1, layer.out_pad, buf.in(l), layer.in_pad},
+        {buf.dpre[l], 1, layer.out_pad, buf.ract[l], layer.in_pad}};
+    write_param_result(layer, rows, ops, l > from ? 2 : 1, buf.rdpre[l], hu);
   }
 }
 

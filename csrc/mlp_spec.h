@@ -41,9 +41,12 @@ struct MlpSpec {
   }
 
   void validate() const {
-    const auto fail = [](const std::string& why) { throw std::invalid_argument("MlpSpec: " + why); };
+    const auto fail = [](const std::string& why) {
+      throw std::invalid_argument("MlpSpec: " + why);
+    };
     if (activations.empty()) fail("the model needs at least one Linear layer");
-    if (widths.size() != activations.size() + 1) fail("widths must have one more entry than activations");
+    if (widths.size() != activations.size() + 1)
+      fail("widths must have one more entry than activations");
     if (has_bias.size() != activations.size()) fail("has_bias must have one entry per layer");
     for (int64_t w : widths)
       if (w < 1) fail("every width must be positive");
@@ -69,9 +72,12 @@ struct MetaStepArgs {
   Scalar* query_loss = nullptr;      // [T]
   Scalar* query_accuracy = nullptr;  // [T], cross_entropy only; may be null
   Scalar* support_loss = nullptr;    // [T, K]: each task's mean support loss before step k
-  Scalar* grad = nullptr;            // [P]: mean meta-gradient; reptile: theta - mean phi_K
-  Scalar* lr_grad = nullptr;         // [P]: Meta-SGD's rate gradient; may be null
-  Scalar* adapted = nullptr;         // [T, P]: every task's phi_K; may be null
+  // One pointer per parameter tensor (nn.Linear order), or empty:
+  std::vector<Scalar*> grads;     // the mean meta-gradient; reptile: theta - mean phi_K
+  std::vector<Scalar*> lr_grads;  // Meta-SGD's rate gradient
+  Scalar* adapted = nullptr;      // [T, P]: every task's phi_K, flat; may be null
+
+  bool all_finite = true;  // set by the engine: every support and query loss is finite
 };
 
 }  // namespace fastmeta

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +21,8 @@ from fastmeta.losses import check_finite
 from fastmeta.precomputed import with_gradient
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-_DTYPES = (torch.float32, torch.float64)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+_DTYPES = tuple(_NUMPY)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,15 @@ class EngineResult:
     grads: list[Tensor] | None       # dL/dtheta per parameter (mean over tasks); Reptile: theta - mean phi_K
     lr_grads: list[Tensor] | None    # Meta-SGD: dL/d(inner rates) per parameter
     adapted: Tensor | None           # [T, P]: phi_K of every task, flat, when asked for
+    all_finite: bool = True          # every support and query loss is finite
+
+    def check_finite(self) -> None:
+        """Raises FloatingPointError naming the first non-finite loss, in the order the
+        reference engine checks them (each inner step's support losses, then the query)."""
+        if not self.all_finite:
+            check_finite_steps(self.support_losses, "the support loss")
+            if self.query_losses is not None:
+                check_finite(self.query_losses, "the query loss")
 
 
 class CompiledMLP:
@@ -103,8 +114,9 @@ class CompiledMLP:
         if self.spec is None:
             return
         params = list(model.parameters())
-        self.numels = [p.numel() for p in params]
-        self.num_params = sum(self.numels)
+        self.shapes = [tuple(p.shape) for p in params]
+        self.num_params = sum(p.numel() for p in params)
+        self._arrays_cache: dict[str, tuple[list[int], list]] = {}
         self.head = 0
         if adapted is not None and not all(adapted):
             head = _head_layer(self.spec, list(adapted))
@@ -114,7 +126,7 @@ class CompiledMLP:
             self.head = head
 
     def __getstate__(self):  # the compiled engine (and its scratch memory) is not copied
-        return {**self.__dict__, "_engine": None}
+        return {**self.__dict__, "_engine": None, "_arrays_cache": {}}
 
     def engine(self):
         if self._engine is None:
@@ -143,47 +155,48 @@ class CompiledMLP:
             want_adapted: bool = False) -> EngineResult:
         """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
         ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
-        dtype = support_x.dtype
+        dtype = _NUMPY[support_x.dtype]
         num_tasks = support_x.shape[0]
-        arrays = [_array(p) for p in params]
         meta_sgd = not isinstance(lrs, (int, float))
-        lr_arg = [_array(r) for r in lrs] if meta_sgd else float(lrs)
-        sx, sy = self._inputs(support_x, support_y)
-        support_losses = torch.empty(num_tasks, steps, dtype=dtype)
+        lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
         query = algorithm != "reptile"
-        if query:
-            qx, qy = self._inputs(query_x, query_y)
-            query_losses = torch.empty(num_tasks, dtype=dtype)
-            accuracies = torch.empty(num_tasks, dtype=dtype) if self.loss == "cross_entropy" else None
-        else:
-            qx = qy = query_losses = accuracies = None
-        grad_flat = torch.empty(self.num_params, dtype=dtype) if need_grad or not query else None
-        lr_flat = torch.empty(self.num_params, dtype=dtype) if meta_sgd and need_grad else None
-        adapted = torch.empty(num_tasks, self.num_params, dtype=dtype) if want_adapted else None
-        self.engine().meta_step(
-            arrays, lr_arg, algorithm, steps, sx, sy, qx, qy, need_grad,
-            support_losses.numpy(), _out(query_losses), _out(accuracies), _out(grad_flat),
-            _out(lr_flat), _out(adapted))
-        return EngineResult(query_losses, accuracies, support_losses,
-                            self._split(grad_flat, params), self._split(lr_flat, params), adapted)
+        # Outputs are numpy arrays, handed to torch without a copy: cheaper than torch.empty.
+        support_losses = np.empty((num_tasks, steps), dtype)
+        query_losses = np.empty(num_tasks, dtype) if query else None
+        accuracies = np.empty(num_tasks, dtype) if query and self.loss == "cross_entropy" else None
+        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad or not query else None
+        lr_grads = [np.empty(s, dtype) for s in self.shapes] if meta_sgd and need_grad else None
+        adapted = np.empty((num_tasks, self.num_params), dtype) if want_adapted else None
+        finite = self.engine().meta_step(
+            self._arrays("params", params), lr_arg, algorithm, steps,
+            *self._inputs(support_x, support_y),
+            *(self._inputs(query_x, query_y) if query else (None, None)), need_grad,
+            support_losses, query_losses, accuracies, grads, lr_grads, adapted)
+        return EngineResult(_tensor(query_losses), _tensor(accuracies),
+                            torch.from_numpy(support_losses), _tensors(grads),
+                            _tensors(lr_grads), _tensor(adapted), finite)
+
+    def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
+        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
+        view keeps its storage alive, so an equal address means the same storage)."""
+        pointers = [t.data_ptr() for t in tensors]
+        cached = self._arrays_cache.get(key)
+        if cached is not None and cached[0] == pointers:
+            return cached[1]
+        arrays = [_array(t) for t in tensors]
+        if all(t.is_contiguous() for t in tensors):
+            self._arrays_cache[key] = (pointers, arrays)
+        return arrays
 
     def _inputs(self, x: Tensor, y: Tensor):
         num_tasks, num_samples = x.shape[0], x.shape[1]
-        x = x.detach()
         if x.dim() != 3:
             x = x.reshape(num_tasks, num_samples, -1)
-        if self.loss == "mse":  # the reference engine reshapes targets to the output's shape
-            out = self.spec.widths[-1]
-            if y.numel() != num_tasks * num_samples * out:
-                raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output "
-                                 f"has shape {(num_tasks, num_samples, out)}")
-            y = y.detach().reshape(num_tasks, num_samples, out)
+        # mse targets are read flat, as the reference engine reshapes them to the output's shape
+        if self.loss == "mse" and y.numel() != num_tasks * num_samples * self.spec.widths[-1]:
+            raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
+                             f"shape {(num_tasks, num_samples, self.spec.widths[-1])}")
         return _array(x), _array(y)
-
-    def _split(self, flat: Tensor | None, like: Sequence[Tensor]) -> list[Tensor] | None:
-        if flat is None:
-            return None
-        return [g.view(p.shape) for g, p in zip(flat.split(self.numels), like)]
 
 
 def meta_loss(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -213,11 +226,16 @@ def _head_layer(spec: MlpSpec, adapted: list[bool]) -> int | str:
 
 
 def _array(t: Tensor):
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
     return t.numpy()
 
 
-def _out(t: Tensor | None):
-    return None if t is None else t.numpy()
+def _tensor(a):
+    return None if a is None else torch.from_numpy(a)
+
+
+def _tensors(arrays):
+    return None if arrays is None else [torch.from_numpy(a) for a in arrays]

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.checks import check_task_batch, output_classes, reference_parameter
-from fastmeta.engine_cpu import CompiledMLP, check_finite_steps, meta_loss
+from fastmeta.engine_cpu import CompiledMLP, meta_loss
 from fastmeta.functional import TaskBatchedModel, flatten_sequential
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
 from fastmeta.reference import AdaptedModel, adapt
@@ -59,7 +59,7 @@ class MAML(nn.Module):
         return 0
 
     def _compiled_mlp(self) -> CompiledMLP:
-        if self._compiled is None:
+        if self._compiled is None or self._compiled.loss != self.loss:
             self._compiled = CompiledMLP(self.model, self.loss, self._adapted())
         return self._compiled
 
@@ -113,8 +113,7 @@ class MAML(nn.Module):
             params, lrs if meta_sgd else self.inner_lr, self.inner_steps,
             "first_order" if self.first_order else "second_order", support_x, support_y,
             query_x, query_y, need_grad)
-        check_finite_steps(result.support_losses, "the support loss")
-        check_finite(result.query_losses, "the query loss")
+        result.check_finite()
         value = result.query_losses.mean()
         if not need_grad:
             return value

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.checks import check_task_batch, output_classes, reference_parameter
-from fastmeta.engine_cpu import CompiledMLP, check_finite_steps
+from fastmeta.engine_cpu import CompiledMLP
 from fastmeta.functional import TaskBatchedModel
 from fastmeta.maml import _check_settings
 from fastmeta.precomputed import with_gradient
@@ -59,7 +59,7 @@ class Reptile(nn.Module):
         engine = backends.resolve(self.backend, like.device, None)
         self._validate(support_x, support_y)
         if engine == "cpu":
-            if self._compiled is None:
+            if self._compiled is None or self._compiled.loss != self.loss:
                 self._compiled = CompiledMLP(self.model, self.loss)
             if self._compiled.reason is None and self._compiled.input_reason(support_x) is None:
                 self.last_backend = "cpu"
@@ -79,7 +79,7 @@ class Reptile(nn.Module):
         params = list(self.model.parameters())
         result = self._compiled.run(params, self.inner_lr, self.inner_steps, "reptile",
                                     support_x, support_y)
-        check_finite_steps(result.support_losses, "the support loss")
+        result.check_finite()
         return with_gradient(result.support_losses[:, 0].mean(), params, result.grads)
 
 

@@ -81,8 +81,10 @@ class TaskSampler:
         need = self.k_shot + self.q_queries
         smallest = int(torch.argmin(counts))
         if int(counts[smallest]) < need:
+            names = getattr(dataset, "class_names", None)
+            name = f" ({names[smallest]})" if names else ""
             raise ValueError(f"TaskSampler: k_shot + q_queries = {need} images per class, but class "
-                             f"{smallest} has only {int(counts[smallest])} images (the smallest class)")
+                             f"{smallest}{name} has only {int(counts[smallest])} images (the smallest class)")
         self._table = table                                  # [C, M] int64, -1 padded
         self._counts = counts
         self._uniform = bool((counts == table.shape[1]).all())
