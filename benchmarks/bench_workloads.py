@@ -48,7 +48,7 @@ class Workload:
     support_y: Tensor
     query_x: Tensor
     query_y: Tensor
-    forward_flops: Callable[[int], float]   # matmul/conv FLOPs of one forward over n samples
+    layer_flops: list   # matmul/conv FLOPs of each layer's forward, per sample
     notes: str = ""
     base_model: nn.Module = field(init=False, repr=False)
 
@@ -73,18 +73,17 @@ class Workload:
         return copy.deepcopy(self.base_model)
 
 
-def mlp_forward_flops(sizes):
-    per_sample = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return lambda n: float(per_sample * n)
+def mlp_layer_flops(sizes) -> list:
+    return [2.0 * a * b for a, b in zip(sizes[:-1], sizes[1:])]
 
 
-def conv4_forward_flops(in_channels=1, hidden=64, image_size=28, n_way=5):
-    per_sample, channels, size = 0, in_channels, image_size
+def conv4_layer_flops(in_channels=1, hidden=64, image_size=28, n_way=5) -> list:
+    flops, channels, size = [], in_channels, image_size
     for _ in range(4):
-        per_sample += 2 * size * size * hidden * channels * 9   # 3x3 conv, padding 1
+        flops.append(2.0 * size * size * hidden * channels * 9)   # 3x3 conv, padding 1
         channels, size = hidden, size // 2
-    per_sample += 2 * hidden * size * size * n_way
-    return lambda n: float(per_sample * n)
+    flops.append(2.0 * hidden * size * size * n_way)
+    return flops
 
 
 SINUSOID_SIZES = [1, 40, 40, 1]
@@ -97,7 +96,7 @@ def sinusoid_workload(meta_batch=25, k_shot=10, q_query=10) -> Workload:
         "W1", f"sinusoid MLP 1-40-40-1, K={k_shot}+{q_query}, meta-batch {meta_batch}",
         lambda: fastmeta.models.mlp(SINUSOID_SIZES), "mse", 0.01,
         tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y,
-        mlp_forward_flops(SINUSOID_SIZES))
+        mlp_layer_flops(SINUSOID_SIZES))
 
 
 def _few_shot_batch(meta_batch, n_way, k_shot, q_query, sample_shape, seed=0):
@@ -117,7 +116,7 @@ def omniglot_mlp_workload(meta_batch=32, n_way=5, k_shot=1, q_query=15) -> Workl
         "W3", f"Omniglot MLP 784-256-128-64-64-{n_way}, {n_way}-way {k_shot}-shot, "
               f"{q_query} queries/class, meta-batch {meta_batch}",
         lambda: fastmeta.models.mlp(sizes), "cross_entropy", 0.4, sx, sy, qx, qy,
-        mlp_forward_flops(sizes), "synthetic 28x28 inputs (flattened)")
+        mlp_layer_flops(sizes), "synthetic 28x28 inputs (flattened)")
 
 
 def conv4_workload(meta_batch=32, n_way=5, k_shot=1, q_query=15) -> Workload:
@@ -126,7 +125,7 @@ def conv4_workload(meta_batch=32, n_way=5, k_shot=1, q_query=15) -> Workload:
         "W2", f"Omniglot conv4 (hidden 64, 28x28x1), {n_way}-way {k_shot}-shot, "
               f"{q_query} queries/class, meta-batch {meta_batch}",
         lambda: fastmeta.models.conv4(in_channels=1, n_way=n_way, hidden=64, image_size=28),
-        "cross_entropy", 0.4, sx, sy, qx, qy, conv4_forward_flops(1, 64, 28, n_way),
+        "cross_entropy", 0.4, sx, sy, qx, qy, conv4_layer_flops(1, 64, 28, n_way),
         "synthetic 28x28x1 inputs; batch norm with batch statistics")
 
 
@@ -151,17 +150,27 @@ class Algorithm:
         return self.kind != "maml2"
 
 
-def useful_flops(workload: Workload, algo: Algorithm) -> float:
-    """Analytic useful FLOPs of one meta-step (matmul/conv FLOPs only).
+def gradient_flops(workload: Workload, rows: int) -> float:
+    """One gradient over ``rows`` samples: forward F plus backward 2F (input and weight
+    gradients), except that the first layer's input is data and needs no gradient:
+    3F - F_0, with F_0 the first layer's forward."""
+    forward = sum(workload.layer_flops) * rows
+    return 3 * forward - workload.layer_flops[0] * rows
 
-    forward = 2*M*N*K per layer; a gradient (forward + backward) costs 3 forwards. Per task:
-    second-order MAML = K support gradients (inner loop) + 2K support gradient-costs (reverse
-    sweep: forward + backward + R-forward + R-backward per step) + 1 query gradient, i.e.
-    the (3K+1) gradient-costs of ENGINE.md with support and query batch sizes kept apart;
-    first-order MAML = K support gradients + 1 query gradient; Reptile = K support gradients.
+
+def useful_flops(workload: Workload, algo: Algorithm) -> float:
+    """Analytic useful FLOPs of one meta-step (matmul/conv FLOPs only; element-wise work,
+    batch norm and pooling not counted).
+
+    Forward = 2*M*N*K per layer; a gradient costs 3 forwards (less the first layer's input
+    gradient, see gradient_flops). Per task, with G_s / G_q a support / query gradient:
+    second-order MAML = K G_s (inner loop) + 2K G_s (reverse sweep: forward + backward +
+    R-forward + R-backward per step; the first layer's R-terms in R{x} vanish exactly as
+    its input gradient does) + G_q, i.e. ENGINE.md's (3K+1) gradient-costs with support and
+    query sizes kept apart; first-order MAML = K G_s + G_q; Reptile = K G_s.
     """
-    grad_s = 3 * workload.forward_flops(workload.n_support)
-    grad_q = 3 * workload.forward_flops(workload.n_query)
+    grad_s = gradient_flops(workload, workload.n_support)
+    grad_q = gradient_flops(workload, workload.n_query)
     k = algo.steps
     if algo.kind == "maml2":
         per_task = 3 * k * grad_s + grad_q

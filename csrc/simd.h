@@ -29,20 +29,31 @@ constexpr int kVectorBytes = 32;
 constexpr int kVectorBytes = 16;  // SSE2 / NEON, or scalar code the compiler splits up
 #endif
 
+// Lane shuffles: __builtin_shufflevector (Clang, GCC >= 12) takes the lane indices as
+// constants; older GCC has __builtin_shuffle, which takes them as a vector.
+#if defined(__has_builtin) && !defined(FASTMETA_NO_SHUFFLEVECTOR)
+#if __has_builtin(__builtin_shufflevector)
+#define FASTMETA_SHUFFLEVECTOR 1
+#endif
+#endif
+
 template <typename Scalar>
 struct VectorTypes;
 template <>
 struct VectorTypes<float> {
   typedef float Vec __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t Lanes __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct VectorTypes<double> {
   typedef double Vec __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t Lanes __attribute__((vector_size(kVectorBytes)));
 };
 
 template <typename Scalar>
 struct Simd {
   using Vec = typename VectorTypes<Scalar>::Vec;
+  using Lanes = typename VectorTypes<Scalar>::Lanes;
   static constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(Scalar));
 
   // Unaligned load and store (memcpy compiles to a single unaligned move).
@@ -74,9 +85,23 @@ struct Simd {
   }
 
  private:
+  // out[j] = lane Index{}(j) of the concatenation (x, y): one two-source shuffle.
+  template <typename Index, std::size_t... J>
+  static inline Vec shuffle(Vec x, Vec y, std::index_sequence<J...>) {
+#if defined(FASTMETA_SHUFFLEVECTOR)
+    return __builtin_shufflevector(x, y, Index{}(J)...);
+#else
+    return __builtin_shuffle(x, y, Lanes{Index{}(J)...});
+#endif
+  }
+
+  struct Zero {
+    constexpr int operator()(std::size_t) const { return 0; }
+  };
+
   template <std::size_t... J>
-  static inline Vec splat(Vec v, std::index_sequence<J...>) {
-    return __builtin_shufflevector(v, v, static_cast<int>(J * 0)...);
+  static inline Vec splat(Vec v, std::index_sequence<J...> lanes) {
+    return shuffle<Zero>(v, v, lanes);
   }
 
   // Source lane of output lane j when folding groups of width W: first (High = false) or
@@ -87,15 +112,24 @@ struct Simd {
     return (pos >= half ? kLanes : 0) + group * W + (High ? half : 0) + pos % half;
   }
 
+  template <int W, bool High>
+  struct FoldSource {
+    constexpr int operator()(std::size_t j) const { return fold_source<W, High>(int(j)); }
+  };
+
+  template <int W>
+  struct ShiftDown {
+    constexpr int operator()(std::size_t j) const { return int((j + W / 2) % kLanes); }
+  };
+
   template <int W, std::size_t... J>
-  static inline Vec fold(Vec x, Vec y, std::index_sequence<J...>) {
-    return __builtin_shufflevector(x, y, fold_source<W, false>(J)...) +
-           __builtin_shufflevector(x, y, fold_source<W, true>(J)...);
+  static inline Vec fold(Vec x, Vec y, std::index_sequence<J...> lanes) {
+    return shuffle<FoldSource<W, false>>(x, y, lanes) + shuffle<FoldSource<W, true>>(x, y, lanes);
   }
 
   template <int W, std::size_t... J>
-  static inline Vec shift_down(Vec v, std::index_sequence<J...>) {
-    return __builtin_shufflevector(v, v, static_cast<int>((J + W / 2) % kLanes)...);
+  static inline Vec shift_down(Vec v, std::index_sequence<J...> lanes) {
+    return shuffle<ShiftDown<W>>(v, v, lanes);
   }
 
   template <int W>

@@ -275,6 +275,10 @@ def test_auto_falls_back_and_cpu_refuses_with_the_reason():
     assert "last Linear" in anil._compiled_reason()
     anil(*data)
     assert anil.last_backend == "torch"
+    # tied weights: the engine assumes every Linear layer owns its parameters
+    shared = nn.Linear(3, 3)
+    tied = fastmeta.MAML(nn.Sequential(shared, nn.Tanh(), shared), 0.1)
+    assert "parameters" in tied._compiled_reason()
     # inputs with extra dimensions and no Flatten
     x = torch.randn(2, 5, 4, 3)
     maml = fastmeta.MAML(mixed_mlp(), 0.1)

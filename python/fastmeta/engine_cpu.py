@@ -8,6 +8,7 @@ engine. Inputs are validated by :mod:`fastmeta.checks` before they get here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -114,6 +115,12 @@ class CompiledMLP:
         if self.spec is None:
             return
         params = list(model.parameters())
+        expected = [(l_out, l_in) if i % 2 == 0 or not bias else (l_out,)
+                    for l_in, l_out, bias in zip(spec.widths[:-1], spec.widths[1:], spec.has_bias)
+                    for i in range(2 if bias else 1)]
+        if [tuple(p.shape) for p in params] != expected:  # tied or extra parameters
+            self.reason, self.spec = "the model's parameters are not exactly its Linear layers'", None
+            return
         self.shapes = [tuple(p.shape) for p in params]
         self.num_params = sum(p.numel() for p in params)
         self._arrays_cache: dict[str, tuple[list[int], list]] = {}
@@ -140,7 +147,7 @@ class CompiledMLP:
         if x.dtype not in _DTYPES:
             return f"the compiled engine runs float32 and float64, not {x.dtype}"
         if self.spec.flattens_input:
-            features = x[0, 0].numel() if x.dim() > 2 else 1
+            features = math.prod(x.shape[2:])
         elif x.dim() != 3:
             return f"inputs of shape {tuple(x.shape)} (the MLP engine takes [tasks, samples, features])"
         else:

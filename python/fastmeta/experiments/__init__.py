@@ -3,12 +3,14 @@
 Each experiment is a module with the same interface, looked up by dataset name in
 :data:`EXPERIMENTS`:
 
-* ``DEFAULTS``: the default run options (a dict keyed like the command-line options);
+* ``DEFAULTS``: the default run options (a dict keyed like the command-line options; an
+  option it lacks does not apply to the experiment);
 * ``ALGORITHMS``: the algorithms it can train;
 * ``make_config(options)``: the full run configuration from the options the user gave
-  (``None`` meaning "not given": the experiment's default);
-* ``train(config, resume=False, quiet=False)``: meta-trains, checkpoints, evaluates, plots;
-  returns the results dict;
+  (``None`` meaning "not given": the experiment's default; ``options["dataset"]`` names the
+  dataset, for modules that serve several);
+* ``train(config, resume=False, quiet=False, evaluate_after=True, explicit=())``:
+  meta-trains, checkpoints, evaluates, plots; returns the results dict;
 * ``evaluate_checkpoint(state, ...)``: evaluates a loaded checkpoint;
 * ``format_table(results)``: the results as a text table.
 """
@@ -19,10 +21,14 @@ from types import ModuleType
 
 #: dataset name -> module implementing it (imported on first use)
 EXPERIMENTS: dict[str, str] = {
+    "digits": "fastmeta.experiments.classification",
+    "omniglot": "fastmeta.experiments.classification",
+    "folder": "fastmeta.experiments.classification",
     "sinusoid": "fastmeta.experiments.sinusoid",
 }
 
-DEFAULT_DATASET = "sinusoid"
+#: ``fastmeta train`` with no dataset: MAML, 5-way 1-shot, on the embedded digits
+DEFAULT_DATASET = "digits"
 
 
 def get(dataset: str) -> ModuleType:

@@ -11,9 +11,6 @@ and then fine-tuned on each task.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import math
 import os
 import sys
@@ -27,6 +24,9 @@ from torch import Tensor, nn
 import fastmeta
 from fastmeta import checkpoint as ckpt
 from fastmeta.data.sinusoid import Sinusoid, SinusoidTasks
+from fastmeta.experiments import training
+from fastmeta.experiments.training import (figure as _figure, read_metrics, single_thread,
+                                           single_threaded as _single_threaded, write_results)
 from fastmeta.functional import TaskBatchedModel
 from fastmeta.losses import per_task_loss
 from fastmeta.stats import format_ci, mean_ci
@@ -67,8 +67,8 @@ TEST_SEED = 1_000_003
 VALIDATION_SEED = 2_000_003
 BASELINE_SEED_OFFSET = 3_000_003
 
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
+METRICS_FILE = training.METRICS_FILE
+RESULTS_FILE = training.RESULTS_FILE
 ADAPTATION_PLOT = "sinusoid_adaptation.png"
 LEARNING_CURVE_PLOT = "learning_curve.png"
 
@@ -145,82 +145,7 @@ def adaptation_note(config: dict[str, Any]) -> str:
     return f"adapts all weights with SGD, step size {lr:g}"
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Runs torch on one intra-op thread: the 1-40-40-1 network is far too small to gain from
-    more, and on a busy machine extra threads cost several times their worth in waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _single_threaded(function):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        with single_thread():
-            return function(*args, **kwargs)
-    return wrapper
-
-
 # Training -----------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on a terminal; otherwise a log line every ``interval`` seconds."""
-
-    def __init__(self, total: int, initial: int, meta_batch: int, quiet: bool, stream: TextIO,
-                 interval: float = 15.0):
-        self.total, self.meta_batch, self.quiet, self.stream = total, meta_batch, quiet, stream
-        self.interval = interval
-        self.bar = None
-        self.last_line = time.monotonic()
-        self.start = time.monotonic()
-        self.start_iteration = initial
-        if not quiet and hasattr(stream, "isatty") and stream.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, file=stream, unit="it",
-                            dynamic_ncols=True, desc="meta-training", smoothing=0.05)
-
-    def update(self, iteration: int, count: int, loss: float | None, tasks_per_second: float | None):
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.update(count)
-            if loss is not None:
-                self.bar.set_postfix({"loss": f"{loss:.4f}", "tasks/s": f"{tasks_per_second:,.0f}"},
-                                     refresh=False)
-            return
-        now = time.monotonic()
-        if loss is not None and (now - self.last_line >= self.interval or iteration == self.total):
-            self.last_line = now
-            done = iteration - self.start_iteration
-            rate = done / max(now - self.start, 1e-9)
-            eta = (self.total - iteration) / rate if rate > 0 else float("nan")
-            print(f"fastmeta: iteration {iteration}/{self.total}  loss {loss:.4f}  "
-                  f"{tasks_per_second:,.0f} tasks/s  eta {eta:.0f}s", file=self.stream, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _rewrite_metrics(path: Path, up_to: int) -> None:
-    """Drops metric lines past ``up_to`` (written after the checkpoint a run resumes from)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("iteration", 0) <= up_to:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 @_single_threaded
 def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
           evaluate_after: bool = True, stream: TextIO | None = None,
@@ -236,113 +161,35 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
     options the user gave) must agree with it.
     Returns the results (or, without evaluation, ``{"iteration": ..., "output": ...}``).
     """
-    stream = sys.stderr if stream is None else stream
     results_stream = sys.stdout if results_stream is None else results_stream
-    output = Path(config["output"])
-    checkpoint_path = output / ckpt.FILENAME
-    metrics_path = output / METRICS_FILE
-    state = None
-    if resume:
-        state = ckpt.load(checkpoint_path)
-        config = _merge_resumed(state, config, explicit)
-    output.mkdir(parents=True, exist_ok=True)
+    run = training.Run(config, dataset=NAME, run_options=RUN_OPTIONS, resume=resume,
+                       quiet=quiet, explicit=explicit, stream=stream)
+    config = run.config
+    output, metrics_path = run.output, run.metrics_path
 
     torch.manual_seed(config["seed"])
     model, wrapper = build(config)
     optimizer = torch.optim.Adam(wrapper.parameters(), lr=config["outer_lr"])
     sampler = Sinusoid(k_shot=config["shots"], q_query=config["shots"], seed=config["seed"])
     device = torch.device(config["device"])
+    run.attach(model=model, algorithm=wrapper, optimizer=optimizer, sampler=sampler)
 
-    start, elapsed = 0, 0.0
-    window = [0.0, 0, 0.0]  # loss sum, iterations, seconds since the last metrics line
-    if state is not None:
-        try:
-            wrapper.load_state_dict(state["algorithm"])
-            optimizer.load_state_dict(state["optimizer"])
-            sampler.load_state(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
-            start, elapsed = int(state["iteration"]), float(state["elapsed"])
-            window = [float(state["window"][0]), int(state["window"][1]),
-                      float(state["window"][2])]
-        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as error:
-            raise ckpt.CheckpointError(
-                f"{checkpoint_path} cannot resume this run ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        _rewrite_metrics(metrics_path, start)
-    else:
-        if checkpoint_path.exists() and not quiet:
-            print(f"fastmeta: note: starting a new run in {output}; its old checkpoint will be "
-                  "replaced (--resume continues it instead)", file=stream, flush=True)
-        if metrics_path.exists():
-            metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+    def step(iteration: int) -> dict[str, float]:
+        tasks = sampler.sample(config["meta_batch"], device=device)
+        loss = meta_loss(wrapper, tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(loss.detach())}
 
-    def save(iteration: int) -> None:
-        ckpt.save(checkpoint_path, {
-            "config": config,
-            "iteration": iteration,
-            "model": model.state_dict(),
-            "algorithm": wrapper.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state(),
-            "torch_rng": torch.get_rng_state(),
-            "window": list(window),
-            "elapsed": elapsed,
-            "fastmeta_version": fastmeta.__version__,
-        })
+    def extra_record() -> dict[str, float]:
+        if isinstance(wrapper, fastmeta.MetaSGD):
+            return {"mean_inner_lr": float(torch.cat(
+                [p.detach().reshape(-1) for p in wrapper.inner_lrs]).mean())}
+        return {}
 
-    total = config["iterations"]
-    if start > total and not quiet:
-        print(f"fastmeta: the checkpoint is at iteration {start}, past --iterations {total}; "
-              "not training further", file=stream, flush=True)
-    progress = _Progress(total, min(start, total), config["meta_batch"], quiet, stream)
-    log_every, checkpoint_every = config["log_every"], config["checkpoint_every"]
-    last_loss, last_rate, pending = None, None, 0
-    try:
-        with open(metrics_path, "a") as metrics:
-            tick = time.perf_counter()
-            for iteration in range(start + 1, total + 1):
-                tasks = sampler.sample(config["meta_batch"], device=device)
-                loss = meta_loss(wrapper, tasks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"the meta-training loss is {value} at iteration "
-                                             f"{iteration}; try a smaller --outer-lr or --inner-lr")
-                now = time.perf_counter()
-                window[0] += value
-                window[1] += 1
-                window[2] += now - tick
-                elapsed += now - tick
-                tick = now
-                pending += 1
-                if iteration % log_every == 0 or iteration == total:
-                    last_loss = window[0] / window[1]
-                    last_rate = window[1] * config["meta_batch"] / max(window[2], 1e-9)
-                    record = {"iteration": iteration, "loss": last_loss,
-                              "tasks_per_second": last_rate, "elapsed": elapsed}
-                    if isinstance(wrapper, fastmeta.MetaSGD):
-                        record["mean_inner_lr"] = float(torch.cat(
-                            [p.detach().reshape(-1) for p in wrapper.inner_lrs]).mean())
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    window = [0.0, 0, 0.0]
-                if iteration % checkpoint_every == 0 or iteration == total:
-                    metrics.flush()
-                    save(iteration)
-                    tick = time.perf_counter()  # checkpoint time is not training time
-                if pending >= 25 or iteration == total:
-                    progress.update(iteration, pending, last_loss, last_rate)
-                    pending = 0
-    finally:
-        progress.close()
-    final_iteration = max(start, total)
-    if state is not None and start >= total:
-        pass  # nothing trained: the checkpoint is already final
-    elif not quiet:
-        print(f"fastmeta: trained {total - start} iterations in {elapsed:.1f}s of training "
-              f"time; checkpoint {checkpoint_path}", file=stream, flush=True)
+    final_iteration = run.train(step, meta_batch=config["meta_batch"], extra_record=extra_record)
+    elapsed = run.elapsed
     if not evaluate_after:
         return {"iteration": final_iteration, "output": str(output)}
 
@@ -362,24 +209,6 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
     print(f"results: {output / RESULTS_FILE}; plots: {output / ADAPTATION_PLOT}, "
           f"{output / LEARNING_CURVE_PLOT}", file=results_stream, flush=True)
     return results
-
-
-def _merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequence[str]
-                   ) -> dict[str, Any]:
-    """The checkpoint's run configuration, with the options that may change on resume
-    (iterations, device, eval-tasks, baseline-steps) taken from ``config``."""
-    saved = state.get("config")
-    if not isinstance(saved, dict) or saved.get("dataset") != NAME:
-        raise ckpt.CheckpointError(f"the checkpoint in {config['output']} is not from a "
-                                   f"{NAME} run")
-    for key in RUN_OPTIONS:
-        if key in explicit and config[key] != saved.get(key):
-            raise ValueError(f"--resume: --{key.replace('_', '-')} {config[key]} differs from "
-                             f"the checkpoint's {saved[key]}")
-    merged = dict(saved)
-    for key in ("iterations", "device", "eval_tasks", "baseline_steps", "output"):
-        merged[key] = config[key]
-    return merged
 
 
 def run_summary(config: dict[str, Any], iteration: int, elapsed: float) -> dict[str, Any]:
@@ -640,23 +469,6 @@ def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None 
 
 
 # Reporting ----------------------------------------------------------------------------------
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_results(path: str | os.PathLike, results: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The results as a compact text table: MSE ± 95% CI per method, steps and K."""
     shots = [str(k) for k in results["shots"]]
@@ -769,19 +581,6 @@ def plot_adaptation(algorithm: nn.Module, baseline: nn.Module | None, tasks: Sin
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def plot_learning_curve(metrics_path: str | os.PathLike, path: str | os.PathLike,
