@@ -103,7 +103,7 @@ def test_tiny_run_writes_everything(tmp_path, capsys, algorithm, model):
     assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
     # The table: the meta-learner and both baselines, with CIs.
     assert f"{algorithm} (meta-learned)" in out
-    assert "from scratch on the support set" in out and "pretrained on the 16 training" in out
+    assert "from scratch on the support set" in out and "pretrained on the 32 training" in out
     assert out.count("±") == 4  # the header and three methods
 
     records = read_metrics(output / "metrics.jsonl")
@@ -185,7 +185,7 @@ def test_resume_is_bit_identical(tmp_path, algorithm, extra):
     C.train(_config(tmp_path, "resumed", 20, algorithm=algorithm, **extra), quiet=True,
             evaluate_after=False)
     C.train(_config(tmp_path, "resumed", 30, algorithm=algorithm, **extra), resume=True,
-            quiet=True, evaluate_after=False)
+            quiet=True, evaluate_after=False, explicit=["iterations"])
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
     if extra:
         state = checkpoint.load(tmp_path / "resumed")
@@ -232,7 +232,8 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path):
     at = checkpoint.load(killed)["iteration"]
     assert at >= 20 and at % 10 == 0
     final = at + 15
-    C.train(_config(tmp_path, "killed", final), resume=True, quiet=True, evaluate_after=False)
+    C.train(_config(tmp_path, "killed", final), resume=True, quiet=True, evaluate_after=False,
+            explicit=["iterations"])
     C.train(_config(tmp_path, "straight", final), quiet=True, evaluate_after=False)
     _assert_same_run(tmp_path / "straight", killed)
 
@@ -247,6 +248,12 @@ def test_resume_refuses_a_changed_run_option(tmp_path, capsys):
     # Without a dataset, --resume continues the checkpoint's (digits here), further.
     code, _, err = run_cli(["train", "--iterations", "8", "--no-eval", "-q", "-o", str(output),
                             "--resume"], capsys)
+    assert code == 0, err
+    state = checkpoint.load(output)
+    assert state["iteration"] == 8 and state["config"]["model"] == "mlp"
+    assert state["config"]["queries"] == 3      # the run's, not the default
+    # A plain --resume finishes the run as started: here it is complete, nothing to do.
+    code, _, err = run_cli(["train", "--no-eval", "-q", "-o", str(output), "--resume"], capsys)
     assert code == 0, err
     assert checkpoint.load(output)["iteration"] == 8
 

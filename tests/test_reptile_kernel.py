@@ -211,8 +211,10 @@ def test_reptile_cpu_backend_equals_torch_backend(dtype, model_kind):
         value.backward()
         grads[backend] = [p.grad.clone() for p in model.parameters()]
         values[backend] = value.detach()
-    assert torch.equal(values["cpu"], values["torch"])
     rtol = TOLERANCE[dtype]
+    # The compiled MLP engine sums in its own order: equal to rounding, not bitwise.
+    value_rtol = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
+    torch.testing.assert_close(values["cpu"], values["torch"], rtol=value_rtol, atol=0)
     for g_cpu, g_torch, p in zip(grads["cpu"], grads["torch"], model.parameters()):
         assert g_cpu.dtype == p.dtype and g_cpu.shape == p.shape
         scale = float(p.detach().abs().max()) + 1.0

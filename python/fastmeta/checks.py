@@ -7,14 +7,16 @@ from torch import Tensor, nn
 
 
 def reference_parameter(model: nn.Module) -> Tensor:
-    params = list(model.parameters())
-    if not params:
-        raise ValueError(f"the model {type(model).__name__} has no parameters to meta-learn")
-    first = params[0]
+    """The model's first parameter, after checking all share its dtype and device."""
+    first = None
     for name, p in model.named_parameters():
-        if p.dtype != first.dtype or p.device != first.device:
+        if first is None:
+            first = p
+        elif p.dtype != first.dtype or p.device != first.device:
             raise TypeError(f"model parameter {name!r} is {p.dtype} on {p.device}, but others are "
                             f"{first.dtype} on {first.device}")
+    if first is None:
+        raise ValueError(f"the model {type(model).__name__} has no parameters to meta-learn")
     return first
 
 
@@ -37,10 +39,11 @@ def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None) -> N
 
 
 def check_no_nan(name: str, x: Tensor) -> None:
+    if bool(torch.isfinite(x.detach()).all()):  # the common case: one pass, no per-task work
+        return
     bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
-    if bool(bad.any()):
-        task = int(bad.nonzero()[0, 0])
-        raise FloatingPointError(f"{name} contains NaN or infinity (task {task})")
+    task = int(bad.nonzero()[0, 0])
+    raise FloatingPointError(f"{name} contains NaN or infinity (task {task})")
 
 
 def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int | None) -> None:
@@ -56,7 +59,7 @@ def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int |
             raise TypeError(f"{name} must hold int64 class indices for cross_entropy, got {y.dtype}")
         if y.dim() != 2:
             raise ValueError(f"{name} must have shape [tasks, samples] for cross_entropy, got {tuple(y.shape)}")
-        low, high = int(y.min()), int(y.max())
+        low, high = (int(v) for v in torch.aminmax(y))
         if low < 0 or (num_classes is not None and high >= num_classes):
             bound = "" if num_classes is None else f" < {num_classes} (the model's outputs)"
             raise ValueError(f"{name} holds labels in [{low}, {high}], outside 0 <= label{bound}")

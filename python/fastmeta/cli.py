@@ -140,6 +140,9 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--model", choices=("mlp", "conv"),
                        help="classification network: conv (conv blocks; conv4 at 28x28) or mlp "
                             "(runs on the compiled MLP engine) (default conv)")
+    train.add_argument("--augment", choices=("flip", "none"),
+                       help="classification: flip adds the training classes' mirror images as "
+                            "new classes (default: digits flip, otherwise none)")
     train.add_argument("--image-size", type=positive_int,
                        help="omniglot/folder: images resized to this square size (default 28)")
     train.add_argument("--iterations", "-n", type=positive_int,
@@ -220,7 +223,7 @@ TRAIN_OPTIONS = ("algorithm", "iterations", "meta_batch", "shots", "inner_lr", "
                  "outer_lr", "seed", "device", "backend", "output", "eval_tasks", "log_every",
                  "checkpoint_every", "baseline_steps", "data", "ways", "queries", "eval_queries",
                  "train_ways", "model", "image_size", "eval_steps", "lr_halve_every",
-                 "val_every", "val_tasks", "finetune_steps", "threads")
+                 "val_every", "val_tasks", "finetune_steps", "threads", "augment")
 
 
 def _dataset_of_checkpoint(output: str | None) -> str | None:

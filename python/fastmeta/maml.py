@@ -44,6 +44,7 @@ class MAML(nn.Module):
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
         self._batched = TaskBatchedModel(model)
+        self._num_classes = output_classes(model)
         self._compiled: CompiledMLP | None = None  # built on first use
         #: the engine that ran the last forward: "cpu" (compiled core) or "torch"
         self.last_backend: str | None = None
@@ -74,7 +75,7 @@ class MAML(nn.Module):
     def _validate(self, support_x, support_y, query_x=None, query_y=None) -> str:
         """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch")."""
         like = reference_parameter(self.model)
-        check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y,
+        check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y)
         return backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
 

@@ -16,10 +16,17 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        return (None, None, *[grad_output * g for g in ctx.grads])
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fastmeta: this meta-loss's gradient was already handed to .grad; "
+                               "run the learner again for a second backward")
+        if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
+            # The plain loss.backward(): autograd may take these tensors as .grad without a copy.
+            return (None, None, *grads)
+        return (None, None, *[grad_output * g for g in grads])
 
 
 def with_gradient(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     """``value`` (a scalar) whose backward puts ``grads[i]`` (times the incoming gradient)
-    into ``params[i]``."""
+    into ``params[i]`` (once: a second backward raises)."""
     return _PrecomputedGradient.apply(value, tuple(grads), *params)

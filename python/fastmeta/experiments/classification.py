@@ -57,6 +57,7 @@ GRADIENT = ("maml", "fomaml", "reptile", "metasgd", "anil")
 METRIC = ("protonet", "relationnet")
 ALGORITHMS = GRADIENT + METRIC
 MODELS = ("mlp", "conv")
+AUGMENTATIONS = ("none", "flip")
 ENV = "FASTMETA_DATA"
 
 #: every run option (``None``: the dataset's or algorithm's default, see :func:`make_config`)
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "data": None,            # omniglot / folder: the data path (default $FASTMETA_DATA)
     "algorithm": "maml",
     "model": None,           # "mlp" or "conv" (the dataset's default)
+    "augment": None,         # "flip": mirror images of the training classes as new classes
     "image_size": None,      # omniglot / folder: images resized to this (28)
     "ways": 5,
     "train_ways": None,      # protonet / relationnet may train with more ways (default: ways)
@@ -94,15 +96,15 @@ DEFAULTS: dict[str, Any] = {
 
 #: per-dataset defaults of the options DEFAULTS leaves open
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "conv", "queries": 15, "eval_queries": 15, "meta_batch": 16,
+    "digits": {"model": "conv", "augment": "flip", "queries": 15, "eval_queries": 15, "meta_batch": 16,
                "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3, "iterations": 600,
                "val_every": 100, "log_every": 20, "checkpoint_every": 100,
                "baseline_steps": 1000},
-    "omniglot": {"model": "conv", "image_size": 28, "queries": 5, "eval_queries": 15,
+    "omniglot": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5, "eval_queries": 15,
                  "meta_batch": 32, "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3,
                  "iterations": 2000, "val_every": 250, "log_every": 50,
                  "checkpoint_every": 250, "baseline_steps": 2000},
-    "folder": {"model": "conv", "image_size": 28, "queries": 5, "eval_queries": 5,
+    "folder": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5, "eval_queries": 5,
                "meta_batch": 16, "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3,
                "iterations": 2000, "val_every": 250, "log_every": 50,
                "checkpoint_every": 250, "baseline_steps": 1000},
@@ -119,7 +121,7 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 # Options that define a run; resuming with a different value is an error.
-RUN_OPTIONS = ("dataset", "algorithm", "model", "image_size", "ways", "train_ways", "shots",
+RUN_OPTIONS = ("dataset", "algorithm", "model", "augment", "image_size", "ways", "train_ways", "shots",
                "queries", "meta_batch", "inner_lr", "inner_steps", "outer_lr",
                "lr_halve_every", "seed", "backend", "log_every", "checkpoint_every", "val_every",
                "val_tasks")
@@ -188,6 +190,9 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
         config["data"] = str(config["data"])
     if config["model"] not in MODELS:
         raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {config['model']!r}")
+    if config["augment"] not in AUGMENTATIONS:
+        raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got "
+                         f"{config['augment']!r}")
     for key in ("ways", "train_ways", "shots", "queries", "eval_queries", "meta_batch",
                 "inner_steps", "iterations", "eval_tasks", "val_every", "val_tasks",
                 "log_every", "checkpoint_every", "baseline_steps", "finetune_steps", "threads"):
@@ -242,8 +247,29 @@ def _cli_message(error: DataError) -> DataError:
     return DataError(str(error).replace("pass root=", "pass --data PATH"))
 
 
+def with_flips(data: ClassDataset) -> ClassDataset:
+    """``data`` plus the mirror image (left-right flip) of every class as a class of its own,
+    as the rotations make new classes: twice the classes to meta-train on."""
+    names = None if data.class_names is None else \
+        list(data.class_names) + [f"{name}/flip" for name in data.class_names]
+    return ClassDataset(torch.cat([data.pixels, data.pixels.flip(-1)]),
+                        torch.cat([data.labels, data.labels + data.num_classes]),
+                        2 * data.num_classes, torch.cat([data.groups, data.groups]), names)
+
+
 def load_splits(config: dict[str, Any]) -> Splits:
-    """The training, validation and test class datasets of ``config["dataset"]``."""
+    """The training, validation and test class datasets of ``config["dataset"]``; with
+    ``config["augment"] == "flip"`` the training classes' mirror images are training classes
+    too (validation and test classes stay as they are)."""
+    splits = _load_splits(config)
+    if config.get("augment") == "flip":
+        splits = Splits(with_flips(splits.train), splits.val, splits.test,
+                        f"{splits.description}; the training classes' mirror images are "
+                        f"training classes too ({2 * splits.train.num_classes} in all)")
+    return splits
+
+
+def _load_splits(config: dict[str, Any]) -> Splits:
     dataset = config["dataset"]
     if dataset == "digits":
         full = Digits("train")
@@ -451,17 +477,18 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
     and the baselines on new test tasks, writes ``results.json`` and the plots, and prints
     the results table to ``results_stream`` (stdout by default).
 
-    ``resume=True`` continues from the checkpoint in ``<output>`` up to
-    ``config["iterations"]`` with the final weights bit-identical to an uninterrupted run's
-    (also after a ``kill -9``: the checkpoint is written atomically). The run's other options
-    come from the checkpoint; those named in ``explicit`` must agree with it.
+    ``resume=True`` continues from the checkpoint in ``<output>`` with the final weights
+    bit-identical to an uninterrupted run's (also after a ``kill -9``: the checkpoint is
+    written atomically). The run's options come from the checkpoint; of those named in
+    ``explicit`` (given by the user), the run-defining ones must agree with it and the others
+    (``iterations``, ``device``, evaluation settings, ...) replace the checkpoint's.
     ``threads``: torch intra-op threads (default: all for conv networks, 1 for MLPs).
     Returns the results (or, without evaluation, ``{"iteration": ..., "output": ...}``).
     """
     results_stream = sys.stdout if results_stream is None else results_stream
     run = training.Run(config, dataset=DATASETS, run_options=RUN_OPTIONS, resume=resume,
                        quiet=quiet, explicit=explicit, stream=stream,
-                       changeable=CHANGEABLE_ON_RESUME)
+                       changeable=CHANGEABLE_ON_RESUME, keep_saved=True)
     config = run.config
     splits = load_splits(config)
     check_task_sizes(config, splits)

@@ -201,10 +201,13 @@ def smoothed(values: Sequence[float], span: int) -> list[float]:
 # Resume -------------------------------------------------------------------------------------
 def merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequence[str],
                   run_options: Sequence[str], dataset: str | Sequence[str],
-                  changeable: Sequence[str] = CHANGEABLE_ON_RESUME) -> dict[str, Any]:
+                  changeable: Sequence[str] = CHANGEABLE_ON_RESUME,
+                  keep_saved: bool = False) -> dict[str, Any]:
     """The checkpoint's run configuration, with the options that may change on resume
-    (``changeable``) taken from ``config``. An option in ``explicit`` (given by the user)
-    and in ``run_options`` must agree with the checkpoint."""
+    (``changeable``) taken from ``config`` -- or, with ``keep_saved``, only those the user
+    gave (``explicit``; the output directory always), so that a plain ``--resume`` finishes
+    the run as it was started. An option in ``explicit`` and in ``run_options`` must agree
+    with the checkpoint."""
     saved = state.get("config")
     datasets = (dataset,) if isinstance(dataset, str) else tuple(dataset)
     if not isinstance(saved, dict) or saved.get("dataset") not in datasets:
@@ -216,7 +219,8 @@ def merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Seque
                              f"from the checkpoint's {saved.get(key)}")
     merged = dict(saved)
     for key in changeable:
-        if key in config:
+        if key in config and (not keep_saved or key in explicit or key == "output"
+                              or key not in saved):
             merged[key] = config[key]
     return merged
 
@@ -233,7 +237,7 @@ class Run:
     def __init__(self, config: dict[str, Any], *, dataset: str | Sequence[str],
                  run_options: Sequence[str], resume: bool = False, quiet: bool = False,
                  explicit: Sequence[str] = (), stream: TextIO | None = None,
-                 changeable: Sequence[str] = CHANGEABLE_ON_RESUME):
+                 changeable: Sequence[str] = CHANGEABLE_ON_RESUME, keep_saved: bool = False):
         self.stream = sys.stderr if stream is None else stream
         self.quiet = quiet
         self.output = Path(config["output"])
@@ -242,7 +246,8 @@ class Run:
         self.state: dict[str, Any] | None = None
         if resume:
             self.state = ckpt.load(self.checkpoint_path)
-            config = merge_resumed(self.state, config, explicit, run_options, dataset, changeable)
+            config = merge_resumed(self.state, config, explicit, run_options, dataset, changeable,
+                                   keep_saved)
         self.config = config
         self.start, self.elapsed = 0, 0.0
         self.window: dict[str, float] = {}
