@@ -2,7 +2,7 @@
 """Side-by-side comparison of meta-learning implementations on the same data and weights.
 
     python benchmarks/compare.py                          # W1 and W3, 20 repeats
-    python benchmarks/compare.py --workloads W1,W3,W2 --w2-repeats 2
+    python benchmarks/compare.py --workloads W2 --w2-repeats 3
     python benchmarks/compare.py --memory                 # peak-RSS growth, W3, K = 1 5 10 20
     python benchmarks/compare.py --markdown out.md        # also write the report to a file
 
