@@ -1,7 +1,7 @@
 // Python bindings of the MLP engine: fastmeta._core.MlpEngine.
 //
 // The Python layer (fastmeta/engine_cpu.py) validates everything first; the checks here
-// (shapes, element types, contiguity, label range) are the last guard before raw
+// (shapes, element types, layout, label range) are the last guard before raw
 // pointers reach the engine. The GIL is released while the engine runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -78,17 +78,77 @@ std::vector<const Scalar*> input_pointers(const MlpSpec& spec, const py::list& t
   return std::vector<const Scalar*>(pointers.begin(), pointers.end());
 }
 
-// Targets: [T, N * out] values (mse) or [T, N] labels in [0, out) (cross-entropy).
+// A [T, ...] buffer whose tasks are each C-contiguous but may lie any number of elements
+// apart: a slice of a larger batch (support and query cut from one tensor) is read in place.
+template <typename Element>
+struct TaskBuffer {
+  const Element* data = nullptr;
+  std::vector<int64_t> shape;
+  int64_t task_stride = 0;  // elements from one task to the next
+  int64_t task_numel() const {
+    int64_t n = 1;
+    for (std::size_t d = 1; d < shape.size(); ++d) n *= shape[d];
+    return n;
+  }
+};
+
+template <typename Element>
+TaskBuffer<Element> view_tasks(const py::buffer& obj, const char* name, int64_t ndim) {
+  const py::buffer_info info = obj.request();
+  if (!info.item_type_is_equivalent_to<Element>())
+    throw py::type_error(std::string(name) + ": expected element format '" +
+                         py::format_descriptor<Element>::format() + "', got '" + info.format + "'");
+  if (ndim > 0 ? info.ndim != ndim : info.ndim < 1)
+    throw py::value_error(std::string(name) + ": expected " +
+                          (ndim > 0 ? std::to_string(ndim) : std::string("at least 1")) +
+                          " dimensions, got " + std::to_string(info.ndim));
+  const int64_t item = static_cast<int64_t>(sizeof(Element));
+  int64_t expected = item;
+  for (int64_t d = info.ndim - 1; d >= 1; --d) {
+    if (info.shape[d] > 1 && info.strides[d] != expected)
+      throw py::value_error(std::string(name) + ": each task's rows must be C-contiguous");
+    expected *= info.shape[d];
+  }
+  TaskBuffer<Element> view;
+  view.data = static_cast<const Element*>(info.ptr);
+  view.shape.assign(info.shape.begin(), info.shape.end());
+  if (info.shape[0] > 1) {
+    if (info.strides[0] < 0 || info.strides[0] % item != 0)
+      throw py::value_error(std::string(name) + ": tasks must lie a whole, non-negative "
+                            "number of elements apart");
+    view.task_stride = info.strides[0] / item;
+  }
+  return view;
+}
+
+// Targets: [T, N * out] values (mse, any shape [T, ...] with N * out values per task) or
+// [T, N] labels in [0, out) (cross-entropy). Returns the data; `stride` gets the task stride.
 template <typename Scalar>
 const void* target_pointer(const MlpSpec& spec, const py::buffer& y, const char* name,
-                           int64_t tasks, int64_t rows) {
+                           int64_t tasks, int64_t rows, int64_t& stride) {
   const int64_t out = spec.widths.back();
-  if (spec.loss == Loss::mse) return view_flat<Scalar>(y, name, tasks * rows * out, false).data;
-  BufferView<int64_t> labels = view_shaped<int64_t>(y, name, {tasks, rows}, false);
-  for (int64_t i = 0; i < labels.numel(); ++i)
-    if (labels.data[i] < 0 || labels.data[i] >= out)
-      throw py::value_error(std::string(name) + ": label " + std::to_string(labels.data[i]) +
-                            " is outside [0, " + std::to_string(out) + ")");
+  if (spec.loss == Loss::mse) {
+    TaskBuffer<Scalar> values = view_tasks<Scalar>(y, name, 0);
+    if (values.shape[0] != tasks || values.task_numel() != rows * out)
+      throw py::value_error(std::string(name) + ": expected " + std::to_string(tasks) +
+                            " tasks of " + std::to_string(rows * out) + " values, got shape " +
+                            detail::shape_string(values.shape));
+    stride = values.task_stride;
+    return values.data;
+  }
+  TaskBuffer<int64_t> labels = view_tasks<int64_t>(y, name, 2);
+  if (labels.shape[0] != tasks || labels.shape[1] != rows)
+    throw py::value_error(std::string(name) + ": expected shape " +
+                          detail::shape_string({tasks, rows}) + ", got " +
+                          detail::shape_string(labels.shape));
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t label = labels.data[t * labels.task_stride + i];
+      if (label < 0 || label >= out)
+        throw py::value_error(std::string(name) + ": label " + std::to_string(label) +
+                              " is outside [0, " + std::to_string(out) + ")");
+    }
+  stride = labels.task_stride;
   return labels.data;
 }
 
@@ -122,7 +182,7 @@ bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
     args.lr = lr.cast<Scalar>();
   }
 
-  BufferView<Scalar> sx = view_buffer<Scalar>(support_x, "support_x", 3, false);
+  TaskBuffer<Scalar> sx = view_tasks<Scalar>(support_x, "support_x", 3);
   args.tasks = sx.shape[0];
   args.support = sx.shape[1];
   if (args.tasks < 1 || args.support < 1 || sx.shape[2] != spec.widths[0])
@@ -130,22 +190,25 @@ bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
                           std::to_string(spec.widths[0]) + "], got " +
                           detail::shape_string(sx.shape));
   args.support_x = sx.data;
-  args.support_y = target_pointer<Scalar>(spec, support_y, "support_y", args.tasks, args.support);
+  args.support_x_stride = sx.task_stride;
+  args.support_y = target_pointer<Scalar>(spec, support_y, "support_y", args.tasks, args.support,
+                                          args.support_y_stride);
   args.support_loss =
       view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true).data;
 
   if (args.algorithm != Algorithm::reptile) {
     if (query_x.is_none() || query_y.is_none() || query_loss.is_none())
       throw py::value_error("meta_step: MAML-type algorithms need query_x, query_y and query_loss");
-    BufferView<Scalar> qx = view_buffer<Scalar>(query_x.cast<py::buffer>(), "query_x", 3, false);
+    TaskBuffer<Scalar> qx = view_tasks<Scalar>(query_x.cast<py::buffer>(), "query_x", 3);
     args.query = qx.shape[1];
     if (qx.shape[0] != args.tasks || args.query < 1 || qx.shape[2] != spec.widths[0])
       throw py::value_error("query_x: expected shape [" + std::to_string(args.tasks) +
                             ", Q >= 1, " + std::to_string(spec.widths[0]) + "], got " +
                             detail::shape_string(qx.shape));
     args.query_x = qx.data;
-    args.query_y =
-        target_pointer<Scalar>(spec, query_y.cast<py::buffer>(), "query_y", args.tasks, args.query);
+    args.query_x_stride = qx.task_stride;
+    args.query_y = target_pointer<Scalar>(spec, query_y.cast<py::buffer>(), "query_y", args.tasks,
+                                          args.query, args.query_y_stride);
     args.query_loss = optional_output<Scalar>(query_loss, "query_loss", {args.tasks});
     if (spec.loss == Loss::cross_entropy)
       args.query_accuracy = optional_output<Scalar>(query_accuracy, "query_accuracy", {args.tasks});

@@ -1,5 +1,7 @@
 // The meta-step driver: per-task inner loop, query gradient and reverse sweep, run in
-// parallel over tasks, each task's gradient added to the sum in task order.
+// parallel over tasks. The tasks are cut into blocks that depend only on the meta-batch
+// (never on the number of threads); each block's gradients are summed in task order, then
+// the blocks in block order, so the result is bitwise the same for any number of threads.
 //
 // Compiled once per instruction set (FASTMETA_ISA names the namespace; see simd.h).
 #include <algorithm>
@@ -31,22 +33,35 @@ struct ThreadWorkspace {
                                // order) or one slot; a scalar rate needs none
   Scalar* grad_sum = nullptr;  // Meta-SGD, first order: sum_k g_k
   Scalar* direction = nullptr; // per-parameter rates: u = alpha * v_{k+1} of the sweep step
-  Scalar* grad = nullptr;      // the current task's meta-gradient (padded, all layers)
+  Scalar* grad = nullptr;      // a task's meta-gradient when it is not its block's first
   Scalar* lr_grad = nullptr;   // ... and its rate gradient (Meta-SGD)
 };
 
 template <typename Scalar>
 class MetaStep {
  public:
-  MetaStep(const MlpSpec& spec, MetaStepArgs<Scalar>& args, int num_threads)
-      : spec_(spec), layout_(spec), args_(args), num_threads_(num_threads) {
+  MetaStep(const MlpSpec& spec, MetaStepArgs<Scalar>& args, int max_threads)
+      : spec_(spec), layout_(spec), args_(args) {
     reptile_ = args.algorithm == Algorithm::reptile;
     need_grad_ = reptile_ || args.need_grad;
     second_order_ = args.algorithm == Algorithm::second_order && need_grad_;
     vector_lr_ = !args.lrs.empty();
     meta_sgd_ = vector_lr_ && !reptile_ && need_grad_ && !args.lr_grads.empty();
     history_ = second_order_ ? args.inner_steps : 1;
+    // As many blocks as tasks while their partial sums stay small, fewer (of several tasks
+    // each) for large models: never more than kBlockBytes of partial sums.
+    // (Without a meta-gradient there is nothing to sum: one task per block.)
+    const int64_t row_bytes = layout_.padded_size * int64_t(sizeof(Scalar)) * (meta_sgd_ ? 2 : 1);
+    num_blocks_ = need_grad_ && !reptile_
+                      ? std::max<int64_t>(1, std::min<int64_t>(args.tasks, kBlockBytes / row_bytes))
+                      : args.tasks;
+    num_threads_ = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, num_blocks_)));
   }
+
+  // Upper bound on the blocks' partial sums (a few tasks per block for large models).
+  static constexpr int64_t kBlockBytes = int64_t(8) << 20;
+
+  int64_t block_begin(int64_t b) const { return b * args_.tasks / num_blocks_; }
 
   // Assigns every buffer a piece of the arena (base == nullptr: only measures).
   std::size_t carve(char* base) {
@@ -56,6 +71,9 @@ class MetaStep {
     alpha_ = vector_lr_ ? c.take<Scalar>(pp) : nullptr;
     mean_ = c.take<Scalar>(pp);
     lr_mean_ = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
+    const bool sums = need_grad_ && !reptile_;
+    block_sums_ = sums ? c.take<Scalar>(num_blocks_ * pp) : nullptr;
+    lr_block_sums_ = sums && meta_sgd_ ? c.take<Scalar>(num_blocks_ * pp) : nullptr;
     reptile_rows_ = reptile_ ? c.take<Scalar>(tasks * pp) : nullptr;
     threads_.assign(num_threads_, ThreadWorkspace<Scalar>());
     for (ThreadWorkspace<Scalar>& w : threads_) {
@@ -79,7 +97,7 @@ class MetaStep {
     std::string s = std::to_string(sizeof(Scalar));
     for (int64_t v : {args_.tasks, args_.support, args_.query, args_.inner_steps,
                       int64_t(num_threads_), int64_t(args_.algorithm), int64_t(need_grad_),
-                      int64_t(vector_lr_), int64_t(meta_sgd_), layout_.head})
+                      int64_t(vector_lr_), int64_t(meta_sgd_), layout_.head, num_blocks_})
       s += "," + std::to_string(v);
     for (int64_t w : spec_.widths) s += ";" + std::to_string(w);
     return s;
@@ -88,10 +106,11 @@ class MetaStep {
   void run() {
     layout_.pack(args_.params, theta_);
     if (vector_lr_) layout_.pack(args_.lrs, alpha_);
+    const int64_t pp = layout_.padded_size;
 
-    // Each task's gradient is computed in its thread's buffers, then added to the sum in
-    // task order (the ordered region): the same additions in the same order for any
-    // number of threads, and no [T, P] buffer to stream through memory.
+    // Blocks go to whichever thread is free (a busy machine may stall one); each task's
+    // gradient goes straight into its block's row when it is the block's first task,
+    // else into the thread's buffer and then added to the row, in task order.
 #pragma omp parallel num_threads(num_threads_)
     {
 #ifdef _OPENMP
@@ -99,14 +118,21 @@ class MetaStep {
 #else
       ThreadWorkspace<Scalar>& w = threads_[0];
 #endif
-#pragma omp for schedule(static, 1) ordered
-      for (int64_t t = 0; t < args_.tasks; ++t) {
-        run_task(t, w);
-#pragma omp ordered
-        {
-          if (w.grad) add_in_order(t, w.grad, mean_);
-          if (w.lr_grad) add_in_order(t, w.lr_grad, lr_mean_);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < num_blocks_; ++b) {
+        Scalar* sum = block_sums_ ? block_sums_ + b * pp : nullptr;
+        Scalar* lr_sum = lr_block_sums_ ? lr_block_sums_ + b * pp : nullptr;
+        for (int64_t t = block_begin(b); t < block_begin(b + 1); ++t) {
+          const bool first = t == block_begin(b);
+          run_task(t, w, first ? sum : w.grad, first ? lr_sum : w.lr_grad);
+          if (!first && sum) add(w.grad, sum);
+          if (!first && lr_sum) add(w.lr_grad, lr_sum);
         }
+      }
+      // mean = (sum of the block rows, in block order) / T, by column ranges.
+      if (block_sums_) {
+        reduce_blocks(block_sums_, mean_);
+        if (lr_block_sums_) reduce_blocks(lr_block_sums_, lr_mean_);
       }
     }
 
@@ -116,12 +142,8 @@ class MetaStep {
       reptile_direction<Scalar>(theta_, reptile_rows_, args_.tasks, layout_.padded_size, mean_);
       layout_.unpack(mean_, args_.grads);
     } else if (need_grad_) {
-      scale(mean_, Scalar(1) / Scalar(args_.tasks));
       layout_.unpack(mean_, args_.grads);
-      if (meta_sgd_) {
-        scale(lr_mean_, Scalar(1) / Scalar(args_.tasks));
-        layout_.unpack(lr_mean_, args_.lr_grads);
-      }
+      if (meta_sgd_) layout_.unpack(lr_mean_, args_.lr_grads);
     }
   }
 
@@ -158,10 +180,10 @@ class MetaStep {
     return {w.phi[std::min<int64_t>(k, history_) - 1], layout_.head_offset};
   }
 
-  const void* targets(const void* all, int64_t rows, int64_t t) const {
-    if (spec_.loss == Loss::mse)
-      return static_cast<const Scalar*>(all) + t * rows * spec_.widths.back();
-    return static_cast<const int64_t*>(all) + t * rows;
+  // Task t's targets, `stride` elements (values or labels) after task t - 1's.
+  const void* targets(const void* all, int64_t stride, int64_t t) const {
+    if (spec_.loss == Loss::mse) return static_cast<const Scalar*>(all) + t * stride;
+    return static_cast<const int64_t*>(all) + t * stride;
   }
 
   Scalar loss(PassBuffers<Scalar>& buf, const void* target, bool delta, Scalar* accuracy) const {
@@ -171,17 +193,18 @@ class MetaStep {
                           accuracy);
   }
 
-  void run_task(int64_t t, ThreadWorkspace<Scalar>& w) const {
+  // One task; its meta-gradient (and rate gradient) is written to `row` (`lr_row`).
+  void run_task(int64_t t, ThreadWorkspace<Scalar>& w, Scalar* row, Scalar* lr_row) const {
     const int64_t layers = layout_.num_layers(), head = layout_.head, steps = args_.inner_steps;
-    const int64_t hp = layout_.head_size(), in = spec_.widths[0], ho = layout_.head_offset;
+    const int64_t hp = layout_.head_size(), ho = layout_.head_offset;
     const Scalar* alpha = vector_lr_ ? alpha_ + ho : nullptr;
     const Scalar lr = args_.lr;
     const ParamView<const Scalar> theta{theta_, 0};
 
     // Inner loop on the support set; ANIL's body features are computed once.
     PassBuffers<Scalar>& sup = w.support;
-    const void* sup_y = targets(args_.support_y, args_.support, t);
-    sup.set_input(layout_, args_.support_x + t * args_.support * in);
+    const void* sup_y = targets(args_.support_y, args_.support_y_stride, t);
+    sup.set_input(layout_, args_.support_x + t * args_.support_x_stride);
     if (head > 0) forward(layout_, theta, sup, 0, head);
     for (int64_t k = 0; k < steps; ++k) {
       const ParamView<const Scalar> now = phi(w, k);
@@ -219,18 +242,16 @@ class MetaStep {
 
     // Query loss at phi_K and its gradient v_K (and, for ANIL, the query features').
     PassBuffers<Scalar>& qry = w.query;
-    const void* qry_y = targets(args_.query_y, args_.query, t);
-    qry.set_input(layout_, args_.query_x + t * args_.query * in);
+    const void* qry_y = targets(args_.query_y, args_.query_y_stride, t);
+    qry.set_input(layout_, args_.query_x + t * args_.query_x_stride);
     if (head > 0) forward(layout_, theta, qry, 0, head);
     forward(layout_, adapted, qry, head, layers);
     args_.query_loss[t] = loss(qry, qry_y, need_grad_,
                                args_.query_accuracy ? args_.query_accuracy + t : nullptr);
     if (!need_grad_) return;
-    Scalar* row = w.grad;
     const ParamView<Scalar> v{row + ho, ho};
     const ParamSink<Scalar> query_grad{v};
     backward(layout_, adapted, qry, head, layers, &query_grad, head > 0);
-    Scalar* lr_row = w.lr_grad;
     if (lr_row) std::memset(lr_row, 0, sizeof(Scalar) * layout_.padded_size);
 
     if (!second_order_) {
@@ -288,30 +309,41 @@ class MetaStep {
     return true;
   }
 
-  // sum = task 0's values, then sum += task t's, for t = 1, 2, ... (called in task order).
-  void add_in_order(int64_t t, const Scalar* values, Scalar* sum) const {
-    const int64_t pp = layout_.padded_size;
-    if (t == 0) {
-      std::memcpy(sum, values, sizeof(Scalar) * pp);
-      return;
-    }
+  void add(const Scalar* values, Scalar* sum) const {
 #pragma omp simd
-    for (int64_t p = 0; p < pp; ++p) sum[p] += values[p];
+    for (int64_t p = 0; p < layout_.padded_size; ++p) sum[p] += values[p];
   }
 
-  void scale(Scalar* values, Scalar factor) const {
+  // mean[p] = (rows[0][p] + rows[1][p] + ...) / T, each column summed in block order;
+  // the columns are shared among the threads (called inside the parallel region).
+  void reduce_blocks(const Scalar* rows, Scalar* mean) const {
+    const int64_t pp = layout_.padded_size, chunk = 1024;
+    const Scalar inv = Scalar(1) / Scalar(args_.tasks);
+#pragma omp for schedule(static)
+    for (int64_t p0 = 0; p0 < pp; p0 += chunk) {
+      const int64_t n = std::min(chunk, pp - p0);
+      Scalar* out = mean + p0;
+      std::memcpy(out, rows + p0, sizeof(Scalar) * n);
+      for (int64_t b = 1; b < num_blocks_; ++b) {
+        const Scalar* row = rows + b * pp + p0;
 #pragma omp simd
-    for (int64_t p = 0; p < layout_.padded_size; ++p) values[p] *= factor;
+        for (int64_t p = 0; p < n; ++p) out[p] += row[p];
+      }
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) out[p] *= inv;
+    }
   }
 
   const MlpSpec& spec_;
   const MlpLayout<Scalar> layout_;
   MetaStepArgs<Scalar>& args_;
-  const int num_threads_;
+  int num_threads_ = 1;
   bool reptile_ = false, need_grad_ = false, second_order_ = false;
   bool vector_lr_ = false;  // per-parameter inner rates (Meta-SGD) rather than one scalar
   bool meta_sgd_ = false;   // ... and their gradient is wanted
   int64_t history_ = 1;
+  int64_t num_blocks_ = 1;  // task blocks (a function of T and the model only)
+  Scalar *block_sums_ = nullptr, *lr_block_sums_ = nullptr;  // [blocks, Pp] partial sums
   Scalar *theta_ = nullptr, *alpha_ = nullptr;
   Scalar *mean_ = nullptr, *lr_mean_ = nullptr;  // sums over tasks, then means
   Scalar* reptile_rows_ = nullptr;               // Reptile: every task's phi_K [T, Pp]
@@ -321,12 +353,11 @@ class MetaStep {
 template <typename Scalar>
 void run_meta_step(const MlpSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena) {
 #ifdef _OPENMP
-  const int threads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), args.tasks)));
+  const int max_threads = omp_get_max_threads();
 #else
-  const int threads = 1;
+  const int max_threads = 1;
 #endif
-  MetaStep<Scalar> step(spec, args, threads);
+  MetaStep<Scalar> step(spec, args, max_threads);
   const std::size_t bytes = step.carve(nullptr);
   step.carve(arena.prepare(bytes, step.plan()));
   step.run();

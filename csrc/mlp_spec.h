@@ -54,8 +54,10 @@ struct MlpSpec {
   }
 };
 
-// One meta-step over T tasks. Inputs are C-contiguous: support_x [T, S, in], query_x
-// [T, Q, in]; targets [T, S * out] (mse, Scalar) or [T, S] (cross_entropy, int64).
+// One meta-step over T tasks. Inputs are support_x [T, S, in], query_x [T, Q, in]; targets
+// [T, S * out] (mse, Scalar) or [T, S] (cross_entropy, int64). Each task's rows are
+// contiguous; task t's start at t * (its *_stride) elements (the rows of several tasks
+// need not be: a slice of a larger batch is read without a copy).
 template <typename Scalar>
 struct MetaStepArgs {
   std::vector<const Scalar*> params;  // one pointer per parameter tensor, nn.Linear order
@@ -67,6 +69,8 @@ struct MetaStepArgs {
   const void* support_y = nullptr;
   const Scalar* query_x = nullptr;  // unused by reptile
   const void* query_y = nullptr;
+  int64_t support_x_stride = 0, support_y_stride = 0;  // elements from one task to the next
+  int64_t query_x_stride = 0, query_y_stride = 0;
   bool need_grad = true;  // false: losses (and adapted weights) only, no meta-gradient
 
   Scalar* query_loss = nullptr;      // [T]

@@ -58,6 +58,13 @@ def test_registry_and_defaults():
     assert config["dataset"] == "digits" and config["algorithm"] == "maml"
     assert config["ways"] == 5 and config["shots"] == 1 and config["eval_tasks"] == 600
     assert config["output"] == os.path.join("runs", "digits-maml")
+    assert config["model"] == "conv" and config["augment"] == "flip"
+    splits = C.load_splits(config)
+    assert (splits.train.num_classes, splits.val.num_classes, splits.test.num_classes) == (32, 8, 16)
+    names = set(splits.train.class_names) | set(splits.val.class_names)
+    assert len(names) == 40 and not names & set(splits.test.class_names)
+    assert not {n.split("/")[0] for n in splits.val.class_names} & {
+        n.split("/")[0] for n in splits.train.class_names}     # whole digits held out
     assert C.make_config({"algorithm": "reptile"})["inner_steps"] == 5
     omniglot = C.make_config({"dataset": "omniglot", "algorithm": "protonet", "data": "x"})
     assert omniglot["train_ways"] == 60 and omniglot["ways"] == 5 and omniglot["data"] == "x"

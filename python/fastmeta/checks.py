@@ -2,12 +2,21 @@
 reach the compiled core. Errors name the argument (and the task index for NaN)."""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
 
-def reference_parameter(model: nn.Module) -> Tensor:
-    """The model's first parameter, after checking all share its dtype and device."""
+def reference_parameter(model: nn.Module, params: Sequence[Tensor] | None = None) -> Tensor:
+    """The model's first parameter, after checking all share its dtype and device.
+    ``params``: ``list(model.parameters())`` when the caller already has it."""
+    if params:  # the common case, without walking the module tree again
+        first = params[0]
+        dtype, device = first.dtype, first.device
+        if all(p.dtype == dtype and p.device == device for p in params):
+            return first
     first = None
     for name, p in model.named_parameters():
         if first is None:
@@ -39,9 +48,15 @@ def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None) -> N
 
 
 def check_no_nan(name: str, x: Tensor) -> None:
-    if bool(torch.isfinite(x.detach()).all()):  # the common case: one pass, no per-task work
+    if x.requires_grad:
+        x = x.detach()
+    # The common case in one reduction: a sum is finite only if every term is (NaN and
+    # infinities propagate); an overflowing sum of finite values takes the exact test.
+    if math.isfinite(x.sum()):
         return
-    bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
+    bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    if not bool(bad.any()):
+        return
     task = int(bad.nonzero()[0, 0])
     raise FloatingPointError(f"{name} contains NaN or infinity (task {task})")
 

@@ -203,7 +203,7 @@ class CompiledMLP:
         if self.loss == "mse" and y.numel() != num_tasks * num_samples * self.spec.widths[-1]:
             raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
                              f"shape {(num_tasks, num_samples, self.spec.widths[-1])}")
-        return _array(x), _array(y)
+        return _task_array(x), _task_array(y)
 
 
 def meta_loss(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -237,6 +237,24 @@ def _array(t: Tensor):
         t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
+    return t.numpy()
+
+
+def _task_array(t: Tensor):
+    """A numpy view of a [T, ...] batch whose tasks are each contiguous (the engine takes
+    any distance between tasks: a slice of a larger batch is not copied)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        expected = 1
+        for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+            if size > 1 and stride != expected:
+                t = t.contiguous()
+                break
+            expected *= size
+        else:
+            if t.stride(0) < 0:
+                t = t.contiguous()
     return t.numpy()
 
 

@@ -72,9 +72,10 @@ class MAML(nn.Module):
         return None if support_x is None else compiled.input_reason(support_x)
 
     # The algorithm ---------------------------------------------------------------------------
-    def _validate(self, support_x, support_y, query_x=None, query_y=None) -> str:
-        """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch")."""
-        like = reference_parameter(self.model)
+    def _validate(self, support_x, support_y, query_x=None, query_y=None, params=None) -> str:
+        """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch").
+        ``params``: ``list(self.model.parameters())`` when the caller already has it."""
+        like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y)
         return backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
@@ -94,18 +95,18 @@ class MAML(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
-        self.last_backend = self._validate(support_x, support_y, query_x, query_y)
+        params = list(self.model.parameters())
+        self.last_backend = self._validate(support_x, support_y, query_x, query_y, params)
         if self.last_backend == "cpu":
-            return self._compiled_forward(support_x, support_y, query_x, query_y)
+            return self._compiled_forward(params, support_x, support_y, query_x, query_y)
         adapted = self._adapt(support_x, support_y, self.inner_steps)
         losses = per_task_loss(self.loss, adapted(query_x), query_y)
         check_finite(losses, "the query loss")
         return losses.mean()
 
-    def _compiled_forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                          query_y: Tensor) -> Tensor:
+    def _compiled_forward(self, params: list[Tensor], support_x: Tensor, support_y: Tensor,
+                          query_x: Tensor, query_y: Tensor) -> Tensor:
         """The same meta-step on the compiled engine, its meta-gradient handed to autograd."""
-        params = list(self.model.parameters())
         lrs = self._inner_lrs()
         meta_sgd = isinstance(lrs[0], Tensor)
         trained = params + lrs if meta_sgd else params

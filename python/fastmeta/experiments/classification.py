@@ -96,23 +96,25 @@ DEFAULTS: dict[str, Any] = {
 
 #: per-dataset defaults of the options DEFAULTS leaves open
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "conv", "augment": "flip", "queries": 15, "eval_queries": 15, "meta_batch": 16,
-               "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3, "iterations": 600,
-               "val_every": 100, "log_every": 20, "checkpoint_every": 100,
-               "baseline_steps": 1000},
-    "omniglot": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5, "eval_queries": 15,
-                 "meta_batch": 32, "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3,
+    "digits": {"model": "conv", "augment": "flip", "queries": 15, "eval_queries": 15,
+               "meta_batch": 16, "inner_lr": 0.4, "inner_steps": 1, "eval_steps": 3,
+               "outer_lr": 1e-3, "iterations": 800, "val_every": 100, "log_every": 20,
+               "checkpoint_every": 100, "baseline_steps": 1000},
+    "omniglot": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5,
+                 "eval_queries": 15, "meta_batch": 32, "inner_lr": 0.4, "inner_steps": 1,
+                 "eval_steps": 3, "outer_lr": 1e-3,
                  "iterations": 2000, "val_every": 250, "log_every": 50,
                  "checkpoint_every": 250, "baseline_steps": 2000},
-    "folder": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5, "eval_queries": 5,
-               "meta_batch": 16, "inner_lr": 0.4, "inner_steps": 1, "outer_lr": 1e-3,
+    "folder": {"model": "conv", "augment": "none", "image_size": 28, "queries": 5,
+               "eval_queries": 5, "meta_batch": 16, "inner_lr": 0.4, "inner_steps": 1,
+               "eval_steps": 3, "outer_lr": 1e-3,
                "iterations": 2000, "val_every": 250, "log_every": 50,
                "checkpoint_every": 250, "baseline_steps": 1000},
 }
 
 #: per-algorithm defaults over the dataset's (``"*"``: any dataset)
 ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("*", "reptile"): {"inner_steps": 5, "inner_lr": 0.1},
+    ("*", "reptile"): {"inner_steps": 5, "inner_lr": 0.1, "eval_steps": 10},
     ("*", "metasgd"): {"inner_lr": 0.1},
     ("*", "protonet"): {"meta_batch": 1},
     ("*", "relationnet"): {"meta_batch": 1},
@@ -179,8 +181,9 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     config["dataset"], config["algorithm"] = dataset, algorithm
     if config["train_ways"] is None:
         config["train_ways"] = config["ways"]
-    if config["eval_steps"] is None:
-        config["eval_steps"] = config["inner_steps"]
+    if "eval_steps" not in given and isinstance(config["inner_steps"], int):
+        # at least as many steps at test time as in training
+        config["eval_steps"] = max(config["eval_steps"] or 0, config["inner_steps"])
     if config["output"] is None:
         config["output"] = os.path.join("runs", f"{dataset}-{algorithm}")
     config["output"] = str(config["output"])
