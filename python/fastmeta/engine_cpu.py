@@ -243,19 +243,10 @@ def _array(t: Tensor):
 def _task_array(t: Tensor):
     """A numpy view of a [T, ...] batch whose tasks are each contiguous (the engine takes
     any distance between tasks: a slice of a larger batch is not copied)."""
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        expected = 1
-        for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-            if size > 1 and stride != expected:
-                t = t.contiguous()
-                break
-            expected *= size
-        else:
-            if t.stride(0) < 0:
-                t = t.contiguous()
-    return t.numpy()
+    a = (t.detach() if t.requires_grad else t).numpy()
+    if not a.flags.c_contiguous and not a[0].flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
 
 
 def _tensor(a):

@@ -47,7 +47,6 @@ from fastmeta.data import DataError, Digits, ImageFolderTasks, Omniglot, TaskSam
 from fastmeta.data.images import ClassDataset
 from fastmeta.experiments import training
 from fastmeta.experiments.training import read_metrics, write_results
-from fastmeta.functional import TaskBatchedModel
 from fastmeta.losses import per_task_loss
 from fastmeta.stats import format_ci, mean_ci
 
@@ -664,27 +663,43 @@ def _with_new_head(model: nn.Sequential, ways: int) -> nn.Sequential:
     return nn.Sequential(*[copy.deepcopy(layer) for layer in layers[:-1]], new)
 
 
+def _per_task_forward(model: nn.Module) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
+    """``forward(weights, x)``: ``model`` run with per-task weights ``[T, *shape]`` on inputs
+    ``[T, S, *in]``, all tasks at once (``torch.func.vmap``; batch norm per task)."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def one(weights, x):
+        return torch.func.functional_call(model, dict(zip(names, weights)), (x,))
+
+    return torch.func.vmap(one)
+
+
 def finetune_scores(model: nn.Sequential, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                     lr: float, steps: int = FINETUNE_STEPS, head_only: bool = False) -> Tensor:
     """Trains a copy of ``model`` on every task's support set at once (per-task weights;
-    Adam, ``steps`` full-batch steps of step size ``lr``; all layers, or the last Linear
-    layer only) and returns the query scores ``[T, Q, N]``."""
-    batched = TaskBatchedModel(model)
+    Adam, ``steps`` full-batch steps of step size ``lr``; all layers, or only the last
+    layer -- then on features computed once) and returns the query scores ``[T, Q, N]``."""
     tasks = support_x.shape[0]
-    params = list(model.parameters())
-    fast = [p.detach().unsqueeze(0).repeat(tasks, *([1] * p.dim())) for p in params]
-    trained = fast[-2:] if head_only else fast
-    for weight in trained:
-        weight.requires_grad_()
-    optimizer = torch.optim.Adam(trained, lr=lr)
+    if head_only:
+        body, head = nn.Sequential(*list(model)[:-1]), nn.Sequential(list(model)[-1])
+        with torch.no_grad():
+            support_x = _per_task_forward(body)(
+                [p.unsqueeze(0).expand(tasks, *p.shape) for p in body.parameters()], support_x)
+            query_x = _per_task_forward(body)(
+                [p.unsqueeze(0).expand(tasks, *p.shape) for p in body.parameters()], query_x)
+        model = head
+    forward = _per_task_forward(model)
+    fast = [p.detach().unsqueeze(0).repeat(tasks, *([1] * p.dim())).requires_grad_()
+            for p in model.parameters()]
+    optimizer = torch.optim.Adam(fast, lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            losses = per_task_loss("cross_entropy", batched(fast, support_x), support_y)
+            losses = per_task_loss("cross_entropy", forward(fast, support_x), support_y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
     with torch.no_grad():
-        return batched([w.detach() for w in fast], query_x)
+        return forward([w.detach() for w in fast], query_x)
 
 
 def pretrain(config: dict[str, Any], data: ClassDataset, steps: int, seed: int,
