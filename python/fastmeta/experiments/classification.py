@@ -118,7 +118,7 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "protonet"): {"meta_batch": 1},
     ("*", "relationnet"): {"meta_batch": 1},
     ("omniglot", "protonet"): {"meta_batch": 1, "train_ways": 60, "lr_halve_every": 2000,
-                               "iterations": 1000},
+                               "iterations": 800, "val_every": 200, "checkpoint_every": 200},
 }
 
 # Options that define a run; resuming with a different value is an error.
