@@ -30,22 +30,16 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Writes ``state`` to ``path`` atomically: to a temporary file in the same directory,
-    flushed to disk, then renamed over ``path`` (``os.replace``), so an interrupted save
-    never leaves a truncated checkpoint behind."""
-    if not isinstance(state, dict):
-        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **state}
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(handle)`` on a temporary file beside ``path``, flushes it to disk and
+    renames it over ``path``: readers see the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -55,6 +49,18 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         except FileNotFoundError:
             pass
         raise
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Writes ``state`` to ``path`` atomically: to a temporary file in the same directory,
+    flushed to disk, then renamed over ``path`` (``os.replace``), so an interrupted save
+    never leaves a truncated checkpoint behind."""
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
 
 

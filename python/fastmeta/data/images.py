@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastmeta.checkpoint import atomic_write
 
 #: bump when the decoded pixels of a cached data set would change
 CACHE_FORMAT = 1
@@ -389,25 +390,11 @@ def cached_array(prefix: str, key: dict, build: Callable[[], tuple[np.ndarray, d
     array, meta = build()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(array_path, lambda h: np.save(h, array, allow_pickle=False))
+        atomic_write(array_path, lambda h: np.save(h, array, allow_pickle=False))
         record = {"key": text, "shape": list(array.shape), "dtype": str(array.dtype), "meta": meta}
-        _atomic_write(meta_path, lambda h: h.write(json.dumps(record).encode()))
+        atomic_write(meta_path, lambda h: h.write(json.dumps(record).encode()))
     except OSError as error:
         warnings.warn(f"fastmeta: could not cache decoded images in {directory} ({error}); "
                       f"set FASTMETA_CACHE to a writable folder to make the next load fast",
                       RuntimeWarning, stacklevel=3)
     return array, meta
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
