@@ -181,7 +181,8 @@ def build_parser() -> ArgumentParser:
                        help="Adam steps pretraining the baseline")
     train.add_argument("--finetune-steps", type=positive_int,
                        help="classification: the baselines' Adam steps on each support set "
-                            "(default 50)")
+                            "(default: as many as the meta-learner's adaptation steps; 50 beside "
+                            "protonet/relationnet)")
     train.add_argument("--threads", type=positive_int,
                        help="classification: torch threads (default 1: small networks; on a "
                             "busy machine more threads mostly wait)")

@@ -8,16 +8,18 @@ held-out training classes, checkpoints (exact resume), and finally evaluates on
 accuracy as mean ± 95% confidence interval, beside two baselines that show what
 meta-learning buys:
 
-* **scratch**: the same network, freshly initialised, trained on each task's support set
-  (Adam, :data:`FINETUNE_STEPS` steps);
+* **scratch**: the same network, freshly initialised, trained on each task's support set;
 * **pretrained**: the same network trained by ordinary supervised classification over all
   meta-training classes (``baseline_steps`` Adam steps), its head then replaced by a
-  zero-initialised N-way head and fine-tuned on each task's support set (Adam,
-  :data:`FINETUNE_STEPS` steps; all layers or the head only).
+  zero-initialised N-way head and fine-tuned on each task's support set (all layers or the
+  head only).
 
-The baselines' step sizes (and, pretrained, whether all layers or only the head are tuned)
-are chosen on validation tasks from the held-out training classes, like the meta-learner's
-checkpoint-free training, so the test classes stay unseen by everything.
+Both fine-tune with Adam for ``finetune_steps`` full-batch steps: by default as many as the
+gradient-based meta-learner's adaptation (``eval_steps``; the MAML paper's comparison: what
+the meta-learned initialisation buys for the same adaptation budget), or
+:data:`FINETUNE_STEPS` beside a metric learner. The step size (and, pretrained, whether all
+layers or only the head are tuned) is chosen from :data:`FINETUNE_LRS` on validation tasks
+from the held-out training classes, so the test classes stay unseen by everything.
 
 Data: ``digits`` (embedded, 8x8: digits 0-5 for training, of which two digits -- eight
 classes with their rotations -- are held out for validation; digits 6-9 for testing),
@@ -89,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": None,
     "checkpoint_every": None,
     "baseline_steps": None,
-    "finetune_steps": 50,    # the baselines' Adam steps on each support set
+    "finetune_steps": None,  # the baselines' Adam steps on each support set (see make_config)
     "threads": 1,            # torch intra-op threads (not a run option)
 }
 
@@ -130,8 +132,8 @@ CHANGEABLE_ON_RESUME = training.CHANGEABLE_ON_RESUME + ("data", "eval_steps", "e
                                                          "finetune_steps", "threads")
 
 # Evaluation protocol.
-FINETUNE_STEPS = DEFAULTS["finetune_steps"]
-FINETUNE_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+FINETUNE_STEPS = 50          # the baselines' budget beside a metric learner (no gradient steps)
+FINETUNE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
 EVAL_CHUNK = 100
@@ -183,6 +185,12 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     if "eval_steps" not in given and isinstance(config["inner_steps"], int):
         # at least as many steps at test time as in training
         config["eval_steps"] = max(config["eval_steps"] or 0, config["inner_steps"])
+    if config["finetune_steps"] is None:
+        # The baselines adapt with as many steps as the meta-learner (the MAML paper's
+        # comparison); a metric learner takes none, so they get FINETUNE_STEPS.
+        config["finetune_steps"] = (max(1, config["eval_steps"])
+                                    if algorithm in GRADIENT and isinstance(config["eval_steps"], int)
+                                    else FINETUNE_STEPS)
     if config["output"] is None:
         config["output"] = os.path.join("runs", f"{dataset}-{algorithm}")
     config["output"] = str(config["output"])
@@ -830,7 +838,10 @@ def evaluate(learner: nn.Module, config: dict[str, Any], splits: Splits, seed: i
             results["accuracy"][name] = {"mean": mean, "ci95": ci, "lr": lr,
                                          "head_only": head, "val_accuracy": val}
         results["baseline"] = {
-            "finetune": f"Adam, {steps} full-batch steps on the support set",
+            "finetune": f"Adam, {steps} full-batch step{'s' if steps != 1 else ''} on the "
+                        f"support set" + (f" (as many as {config['algorithm']}'s adaptation)"
+                                          if config["algorithm"] in GRADIENT
+                                          and steps == config["eval_steps"] else ""),
             "lr_grid": list(FINETUNE_LRS), "validation_tasks": config["val_tasks"],
             "pretrain_steps": config["baseline_steps"], "pretrain_batch": PRETRAIN_BATCH,
             "pretrain_classes": splits.train.num_classes,
