@@ -212,6 +212,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--device", type=device, help="torch device (default: the run's)")
     evaluate.add_argument("--baseline-steps", type=positive_int,
                           help="Adam steps pretraining the baseline (default: the run's)")
+    evaluate.add_argument("--finetune-steps", type=positive_int,
+                          help="classification: the baselines' Adam steps on each support set "
+                               "(default: the run's)")
     evaluate.add_argument("--data", metavar="PATH",
                           help="omniglot/folder: the data (default: the run's, or "
                                "$FASTMETA_DATA)")
@@ -279,10 +282,11 @@ def run_eval(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else path.parent
     metrics = path.parent / getattr(module, "METRICS_FILE", "metrics.jsonl")
     extra = {}
-    if args.data is not None:
-        if "data" not in getattr(module, "DEFAULTS", {}):
-            fail(f"argument --data: does not apply to {config['dataset']}")
-        extra["data"] = args.data
+    for name in ("data", "finetune_steps"):
+        if getattr(args, name) is not None:
+            if name not in getattr(module, "DEFAULTS", {}):
+                fail(f"argument --{name.replace('_', '-')}: does not apply to {config['dataset']}")
+            extra[name] = getattr(args, name)
     module.evaluate_checkpoint(state, output=output, eval_tasks=args.eval_tasks, seed=args.seed,
                                device=args.device, baseline_steps=args.baseline_steps,
                                metrics_path=metrics, **extra)

@@ -22,7 +22,9 @@ layers or only the head are tuned) is chosen from :data:`FINETUNE_LRS` on valida
 from the held-out training classes, so the test classes stay unseen by everything.
 
 Data: ``digits`` (embedded, 8x8: digits 0-5 for training, of which two digits -- eight
-classes with their rotations -- are held out for validation; digits 6-9 for testing),
+classes with their rotations -- are held out for validation, and the other 16 training
+classes' mirror images are training classes too (``augment="flip"``); digits 6-9 for
+testing),
 ``omniglot`` (the MAML/Vinyals split at 28x28; 100 of the 1,200 training characters
 held out for validation) and ``folder`` (a folder of class sub-folders, split by class:
 20% test, 10% validation).
@@ -132,11 +134,12 @@ CHANGEABLE_ON_RESUME = training.CHANGEABLE_ON_RESUME + ("data", "eval_steps", "e
                                                          "finetune_steps", "threads")
 
 # Evaluation protocol.
-FINETUNE_STEPS = 50          # the baselines' budget beside a metric learner (no gradient steps)
+FINETUNE_STEPS = 20          # the baselines' budget beside a metric learner (no gradient steps)
 FINETUNE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
-EVAL_CHUNK = 100
+EVAL_CHUNK = 50
+BASELINE_VAL_TASKS = 50      # validation tasks choosing the baselines' fine-tuning setting
 # Seed streams apart from the training tasks (TaskSampler(seed=config["seed"])): the test
 # tasks are the same for every run; validation tasks, the baselines' initial weights and
 # pretraining batches have their own.
@@ -471,6 +474,17 @@ def _validation_tasks(config: dict[str, Any], splits: Splits, device) -> list:
     return chunks
 
 
+def _first_tasks(chunks: Sequence, count: int) -> list:
+    """The first ``count`` tasks of a list of task batches."""
+    out, left = [], count
+    for chunk in chunks:
+        if left <= 0:
+            break
+        out.append(type(chunk)(*(t[:left] for t in chunk)))
+        left -= chunk.support_x.shape[0]
+    return out
+
+
 def accuracy_on(learner: nn.Module, chunks: Sequence, steps: int) -> Tensor:
     """Per-task query accuracy over a list of task batches."""
     return torch.cat([task_accuracy(predict(learner, c.support_x, c.support_y, c.query_x, steps),
@@ -608,14 +622,16 @@ def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None 
                         device: str | None = None, baseline_steps: int | None = None,
                         results_stream: TextIO | None = None,
                         metrics_path: str | os.PathLike | None = None,
-                        data: str | None = None, threads: int | None = None) -> dict[str, Any]:
+                        data: str | None = None, finetune_steps: int | None = None,
+                        threads: int | None = None) -> dict[str, Any]:
     """``fastmeta eval``: rebuilds the checkpoint's learner, evaluates it and the baselines
     on new test tasks, prints the table and writes ``results.json`` and the plots to
     ``output`` (the learning curves too, given the run's ``metrics_path``)."""
     results_stream = sys.stdout if results_stream is None else results_stream
     config = dict(state["config"])
     for key, value in (("device", device), ("eval_tasks", eval_tasks),
-                       ("baseline_steps", baseline_steps), ("data", data)):
+                       ("baseline_steps", baseline_steps), ("data", data),
+                       ("finetune_steps", finetune_steps)):
         if value is not None:
             config[key] = value
     if config.get("data") is None and config["dataset"] != "digits":
@@ -818,6 +834,7 @@ def evaluate(learner: nn.Module, config: dict[str, Any], splits: Splits, seed: i
     }
     if baselines:
         validation = _validation_tasks(config, splits, device)
+        validation = _first_tasks(validation, BASELINE_VAL_TASKS)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config["seed"] + BASELINE_SEED_OFFSET + 1)
             scratch = baseline_network(config, splits.train.image_shape, ways).to(device)
@@ -842,7 +859,8 @@ def evaluate(learner: nn.Module, config: dict[str, Any], splits: Splits, seed: i
                         f"support set" + (f" (as many as {config['algorithm']}'s adaptation)"
                                           if config["algorithm"] in GRADIENT
                                           and steps == config["eval_steps"] else ""),
-            "lr_grid": list(FINETUNE_LRS), "validation_tasks": config["val_tasks"],
+            "lr_grid": list(FINETUNE_LRS),
+            "validation_tasks": sum(c.support_x.shape[0] for c in validation),
             "pretrain_steps": config["baseline_steps"], "pretrain_batch": PRETRAIN_BATCH,
             "pretrain_classes": splits.train.num_classes,
         }
@@ -975,7 +993,11 @@ def plot_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Te
         ax = axes[0][c]
         _show(ax, support_x[first], inverted)
         shots = int((support_y == c).sum())
-        text = f"support: label {c}" + (f"\n{names[c]}" if names else "")
+        name = names[c] if names else None
+        if name is not None and len(name) > 14 and "/" in name:   # Alphabet/characterNN/rot90
+            head, tail = name.split("/", 1)
+            name = f"{head}/\n{tail}"
+        text = f"support: label {c}" + (f"\n{name}" if name else "")
         if shots > 1:
             text += f" (1 of {shots})"
         ax.set_title(text, fontsize=8)
