@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastmeta import checkpoint
-from fastmeta.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 from fastmeta.experiments import EXPERIMENTS, get
 from fastmeta.experiments import classification as C
 from fastmeta.experiments.training import read_metrics
@@ -25,26 +25,6 @@ TINY = ["--iterations", "6", "--meta-batch", "2", "--eval-tasks", "8", "--val-ta
         "--val-every", "3", "--log-every", "2", "--checkpoint-every", "3",
         "--baseline-steps", "5", "--finetune-steps", "2", "--queries", "3",
         "--eval-queries", "3", "--quiet"]
-
-
-def run_cli(argv, capsys):
-    """``(exit code, stdout, stderr)`` of ``fastmeta argv`` run in-process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code == 2, (code, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fastmeta: error: "), err
-    assert "Traceback" not in err and "usage:" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # Configuration ----------------------------------------------------------------------------------

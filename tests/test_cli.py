@@ -12,30 +12,10 @@ import pytest
 import torch
 
 from fastmeta import checkpoint
-from fastmeta.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 
 TINY = ["--iterations", "20", "--eval-tasks", "20", "--baseline-steps", "30", "--log-every", "5",
         "--checkpoint-every", "10", "--quiet"]
-
-
-def run_cli(argv, capsys):
-    """``(exit code, stdout, stderr)`` of ``fastmeta argv`` run in-process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fastmeta: error: "), err
-    assert "Traceback" not in err and "usage:" not in err and "usage:" not in out
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv, fragments", [

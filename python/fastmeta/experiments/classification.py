@@ -160,12 +160,6 @@ BASELINE_FILE = "baseline.pt"
 
 
 # Configuration ------------------------------------------------------------------------------
-def _positive_int(config: dict, key: str) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
-
-
 def make_config(options: dict[str, Any]) -> dict[str, Any]:
     """The full run configuration: ``options`` (``None`` = default) over the algorithm's,
     the dataset's and the common :data:`DEFAULTS`."""
@@ -209,22 +203,18 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("ways", "train_ways", "shots", "queries", "eval_queries", "meta_batch",
                 "inner_steps", "iterations", "eval_tasks", "val_every", "val_tasks",
                 "log_every", "checkpoint_every", "baseline_steps", "finetune_steps", "threads"):
-        _positive_int(config, key)
+        training.require_positive_int(config, key)
     if isinstance(config["eval_steps"], bool) or not isinstance(config["eval_steps"], int) \
             or config["eval_steps"] < 0:
         raise ValueError(f"--eval-steps must be a non-negative integer, got {config['eval_steps']!r}")
     if config["lr_halve_every"] is not None:
-        _positive_int(config, "lr_halve_every")
+        training.require_positive_int(config, "lr_halve_every")
     if config["image_size"] is not None:
-        _positive_int(config, "image_size")
+        training.require_positive_int(config, "image_size")
         if dataset == "digits":
             raise ValueError("--image-size does not apply to digits (8x8 images)")
     for key in ("inner_lr", "outer_lr"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"--{key.replace('_', '-')} must be a positive number, got {value!r}")
-        config[key] = float(value)
+        training.require_positive_number(config, key)
     if config["ways"] < 2 or config["train_ways"] < 2:
         raise ValueError(f"--ways must be at least 2 (a task tells classes apart), got "
                          f"{min(config['ways'], config['train_ways'])}")

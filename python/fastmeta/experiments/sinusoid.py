@@ -95,15 +95,9 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     config["output"] = str(config["output"])
     for key in ("iterations", "meta_batch", "shots", "inner_steps", "eval_tasks", "log_every",
                 "checkpoint_every", "baseline_steps"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
+        training.require_positive_int(config, key, prefix="")
     for key in ("inner_lr", "outer_lr"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"{key.replace('_', '-')} must be a positive number, got {value!r}")
-        config[key] = float(value)
+        training.require_positive_number(config, key, prefix="")
     return config
 
 

@@ -128,6 +128,22 @@ class Progress:
 
 
 # Metrics and results files ------------------------------------------------------------------
+def require_positive_int(config: dict[str, Any], key: str, prefix: str = "--") -> None:
+    """Raises ValueError unless ``config[key]`` is a positive integer (names it ``prefix+key``)."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{prefix}{key.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def require_positive_number(config: dict[str, Any], key: str, prefix: str = "--") -> None:
+    """Like :func:`require_positive_int` for a finite positive number; stores it as float."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{prefix}{key.replace('_', '-')} must be a positive number, got {value!r}")
+    config[key] = float(value)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics JSON-lines file (unreadable lines skipped; [] if absent)."""
     path = Path(path)
