@@ -133,6 +133,43 @@ def test_eval_of_a_checkpoint(tmp_path, capsys):
     assert code == 0 and out2 == out.replace(str(tmp_path / "eval"), str(tmp_path / "eval2"))
 
 
+def test_finetune_scores_at_several_budgets_equal_separate_runs():
+    config = C.make_config({"model": "mlp"})
+    assert config["finetune_steps"] is None      # by default chosen on validation tasks
+    splits = C.load_splits(config)
+    tasks = C.TaskSampler(splits.test, 5, 1, 3, 3, seed=0).sample()
+    torch.manual_seed(0)
+    model = C.baseline_network(config, splits.train.image_shape, 5)
+    for head_only in (False, True):
+        at = C.finetune_scores_at(model, tasks.support_x, tasks.support_y, tasks.query_x, 0.01,
+                                  (0, 2, 5), head_only)
+        assert sorted(at) == [0, 2, 5]
+        for steps in (2, 5):
+            alone = C.finetune_scores(model, tasks.support_x, tasks.support_y, tasks.query_x,
+                                      0.01, steps, head_only)
+            assert torch.equal(at[steps], alone)
+        assert not torch.equal(at[0], at[5])
+
+
+def test_baselines_budget_chosen_on_validation_tasks(tmp_path, capsys, monkeypatch):
+    """Without --finetune-steps the baselines' number of steps is chosen from the grid (a
+    small one here) and the table says how many each got."""
+    monkeypatch.setattr(C, "FINETUNE_STEP_GRID", (1, 3))
+    argv = ["train", "--model", "mlp", *TINY, "--output", str(tmp_path / "run")]
+    at = argv.index("--finetune-steps")
+    del argv[at:at + 2]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["finetune_steps"] is None
+    assert results["baseline"]["steps_grid"] == [1, 3]
+    assert "steps from {1, 3} and step size from" in out
+    for name in ("scratch", "pretrained"):
+        steps = results["accuracy"][name]["steps"]
+        assert steps in (1, 3)
+        assert f"Adam step{'s' if steps > 1 else ''}  " in out   # in the baseline's row
+
+
 def test_progress_line_shows_loss_accuracy_and_rate(tmp_path, capsys):
     argv = ["train", "--model", "mlp", *[a for a in TINY if a != "--quiet"], "--no-eval",
             "--output", str(tmp_path / "run")]

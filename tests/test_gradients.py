@@ -27,10 +27,14 @@ from torch import nn
 from torch.func import functional_call
 
 import fastmeta
+from fastmeta import functional
 from fastmeta.functional import TaskBatchedModel
 from conftest import classification_batch, regression_batch
 
 ORACLE_RTOL = 1e-10
+# CPU_PER_TASK_CONV_MIN forcing each way of running convolutions on the CPU: one grouped
+# convolution for all tasks, or a loop over tasks (functional.py picks by size).
+CONV_PATHS = {"grouped": float("inf"), "per_task": 0}
 FD_RTOL = 1e-6
 FD_EPS = 1e-5           # step along a unit-norm direction (float64)
 FD_DIRECTIONS = 3
@@ -506,8 +510,15 @@ def _exotic_sequential():
     ).double()
 
 
+@pytest.fixture(params=sorted(CONV_PATHS))
+def conv_path(request, monkeypatch):
+    """Runs a test with the CPU's convolutions grouped, then task by task."""
+    monkeypatch.setattr(functional, "CPU_PER_TASK_CONV_MIN", CONV_PATHS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("which", ["conv4", "exotic", "mlp"])
-def test_task_batched_sequential_equals_generic_path(which):
+def test_task_batched_sequential_equals_generic_path(which, conv_path):
     if which == "conv4":
         model = fastmeta.models.conv4(in_channels=2, n_way=3, hidden=4, image_size=16).double()
         x = torch.randn(3, 5, 2, 16, 16, dtype=torch.float64)
@@ -545,7 +556,37 @@ def test_task_batched_sequential_equals_generic_path(which):
     assert rel_err(results[0][1], results[1][1]) < 1e-10
 
 
-def test_batched_batch_norm_second_order_matches_finite_differences():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_through_either_conv_path_matches_oracle(conv_path, steps):
+    """Second-order MAML on conv4 equals the per-task oracle whichever way the CPU runs the
+    convolutions (the small test models run grouped by default)."""
+    model, batch = make_case("conv4", "cross_entropy", num_tasks=3)
+    lr = INNER_LR["cross_entropy"]
+    maml = fastmeta.MAML(model, lr, inner_steps=steps, loss="cross_entropy", backend="torch")
+    value, grads = fastmeta_grads(maml, batch, list(model.parameters()))
+    expected_value, expected, _ = oracle(model, batch, "cross_entropy", lr, steps)
+    assert abs(float(value - expected_value)) <= 1e-12 * abs(float(expected_value))
+    assert rel_err(grads, expected) < ORACLE_RTOL
+
+
+def test_cpu_convolutions_grouped_or_per_task_by_size():
+    """The size heuristic: the small digits conv net runs grouped, the MAML paper's conv4
+    (64 filters, 28x28) task by task; one task, or layers past the convolutions, always
+    run as one call."""
+    def per_task(model, x, start=0):
+        batched = TaskBatchedModel(model)
+        return batched._convolutions_per_task(x, start, len(batched.layers))
+
+    digits = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                           nn.Flatten(), nn.Linear(32 * 4 * 4, 5))
+    conv4 = fastmeta.models.conv4(in_channels=1, n_way=5, hidden=64, image_size=28)
+    assert not per_task(digits, torch.zeros(16, 5, 1, 8, 8))
+    assert per_task(conv4, torch.zeros(16, 5, 1, 28, 28))
+    assert not per_task(conv4, torch.zeros(1, 5, 1, 28, 28))
+    assert not per_task(conv4, torch.zeros(16, 5, 64 * 1 * 1), start=len(conv4) - 1)
+
+
+def test_batched_batch_norm_second_order_matches_finite_differences(conv_path):
     """The batched path's batch norm, written from primitives, has exact second derivatives:
     its Hessian-vector product equals finite differences of its gradient."""
     model = fastmeta.models.conv4(in_channels=1, n_way=3, hidden=4, image_size=16).double()

@@ -169,8 +169,7 @@ def build_parser() -> ArgumentParser:
                        help="Adam steps pretraining the baseline")
     train.add_argument("--finetune-steps", type=positive_int,
                        help="classification: the baselines' Adam steps on each support set "
-                            "(default: as many as the meta-learner's adaptation steps; 50 beside "
-                            "protonet/relationnet)")
+                            "(default: chosen from 20, 50, 100 on validation tasks)")
     train.add_argument("--threads", type=positive_int,
                        help="classification: torch threads (default 1: small networks; on a "
                             "busy machine more threads mostly wait)")
@@ -202,7 +201,8 @@ def build_parser() -> ArgumentParser:
                           help="Adam steps pretraining the baseline (default: the run's)")
     evaluate.add_argument("--finetune-steps", type=positive_int,
                           help="classification: the baselines' Adam steps on each support set "
-                               "(default: the run's)")
+                               "(default: the run's; if it set none, chosen from 20, 50, 100 "
+                               "on validation tasks)")
     evaluate.add_argument("--data", metavar="PATH",
                           help="omniglot/folder: the data (default: the run's, or "
                                "$FASTMETA_DATA)")

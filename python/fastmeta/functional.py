@@ -2,8 +2,8 @@
 
 Every parameter ``theta_i`` becomes a task-batched tensor ``[T, *theta_i.shape]``. An
 ``nn.Sequential`` of supported layers runs all tasks at once (batched matrix products,
-grouped convolutions, batch norm with per-task batch statistics); any
-other module runs task by task through ``torch.func.functional_call``.
+grouped convolutions -- on the CPU, large ones task by task -- batch norm with per-task
+batch statistics); any other module runs task by task through ``torch.func.functional_call``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,22 @@ _ELEMENTWISE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
     nn.Identity: lambda m, x: x,
 }
+
+# On the CPU, grouped convolutions (one call for all tasks, groups = tasks) and their double
+# backward take slow paths, so large convolutions run faster task by task: MAML conv4 with
+# 64 filters on 28x28, 16 tasks, is 1.23-1.26x faster as a loop (1 or 2 threads). For small
+# ones the loop's per-task overhead dominates and the grouped call wins: the digits model (32
+# filters, 8x8) is 1.5-2.1x faster grouped. The crossover, measured over conv nets of 16-128
+# filters on 8x8 to 28x28 inputs, lies at channels x height x width of about 8,000 (1 thread)
+# to 15,000 (2 threads); which side wins does not change with the number of tasks (4-32).
+# Numbers in benchmarks/RESULTS.md. On a GPU convolutions are always grouped.
+CPU_PER_TASK_CONV_MIN = 10_000
+
+
+def conv_work(conv: nn.Conv2d, size: Sequence[int]) -> int:
+    """The heuristic's measure of ``conv`` on a ``size`` (height, width) input: out channels x
+    height x width (its output elements per sample at stride 1, "same" padding)."""
+    return conv.out_channels * int(size[0]) * int(size[1])
 
 
 def flatten_sequential(module: nn.Module) -> list[nn.Module] | None:
@@ -86,13 +102,18 @@ class TaskBatchedModel:
                 raise ValueError("only an nn.Sequential model can be run layer range by layer range")
             return self._per_task(params, x)
         stop = len(self.layers) if stop is None else stop
-        if x.device.type == "cpu" and any(type(layer) is nn.Conv2d for layer in self.layers[start:stop]):
-            # On the CPU, a task-by-task loop beats one grouped convolution over all tasks
-            # (measured ~2.5x on the MAML paper's conv4): grouped convolutions and their
-            # double backward take slow paths there. On a GPU the grouped form wins.
+        if self._convolutions_per_task(x, start, stop):
             return torch.cat([self._sequential([p[t:t + 1] for p in params], x[t:t + 1], start, stop)
                               for t in range(x.shape[0])])
         return self._sequential(params, x, start, stop)
+
+    def _convolutions_per_task(self, x: Tensor, start: int, stop: int) -> bool:
+        """Whether layers ``start:stop`` run task by task: on the CPU, for several tasks, when
+        their first convolution's :func:`conv_work` is at least :data:`CPU_PER_TASK_CONV_MIN`."""
+        if x.device.type != "cpu" or x.dim() < 4 or x.shape[0] == 1:
+            return False
+        convs = [layer for layer in self.layers[start:stop] if type(layer) is nn.Conv2d]
+        return bool(convs) and conv_work(convs[0], x.shape[-2:]) >= CPU_PER_TASK_CONV_MIN
 
     def _per_task(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         outputs = []

@@ -14,12 +14,13 @@ meta-learning buys:
   zero-initialised N-way head and fine-tuned on each task's support set (all layers or the
   head only).
 
-Both fine-tune with Adam for ``finetune_steps`` full-batch steps: by default as many as the
-gradient-based meta-learner's adaptation (``eval_steps``; the MAML paper's comparison: what
-the meta-learned initialisation buys for the same adaptation budget), or
-:data:`FINETUNE_STEPS` beside a metric learner. The step size (and, pretrained, whether all
-layers or only the head are tuned) is chosen from :data:`FINETUNE_LRS` on validation tasks
-from the held-out training classes, so the test classes stay unseen by everything.
+Both fine-tune with full-batch Adam steps, tuned as a baseline should be (Chen et al. 2019,
+"A closer look at few-shot classification", fine-tune for 100 iterations): the number of
+steps from :data:`FINETUNE_STEP_GRID`, the step size from :data:`FINETUNE_LRS` and,
+pretrained, whether all layers or only the head are tuned, all chosen on validation tasks
+from the held-out training classes, so the test classes stay unseen by everything. A fixed
+``finetune_steps`` (``--finetune-steps``) replaces the step grid, e.g. the meta-learner's own
+adaptation steps for the MAML paper's same-budget comparison.
 
 Data: ``digits`` (embedded, 8x8: digits 0-5 for training, of which two digits -- eight
 classes with their rotations -- are held out for validation, and the other 16 training
@@ -93,7 +94,8 @@ DEFAULTS: dict[str, Any] = {
     "log_every": None,
     "checkpoint_every": None,
     "baseline_steps": None,
-    "finetune_steps": None,  # the baselines' Adam steps on each support set (see make_config)
+    "finetune_steps": None,  # the baselines' Adam steps on each support set (None: chosen
+                             # from FINETUNE_STEP_GRID on validation tasks)
     "threads": 1,            # torch intra-op threads (not a run option)
 }
 
@@ -134,7 +136,10 @@ CHANGEABLE_ON_RESUME = training.CHANGEABLE_ON_RESUME + ("data", "eval_steps", "e
                                                          "finetune_steps", "threads")
 
 # Evaluation protocol.
-FINETUNE_STEPS = 20          # the baselines' budget beside a metric learner (no gradient steps)
+# The baselines' fine-tuning budgets and step sizes, chosen on validation tasks. On the
+# default digits run the baselines gain ~8 points from 3 steps (MAML's adaptation) to 50-100
+# steps (benchmarks/RESULTS.md); one run of the largest budget scores every smaller one.
+FINETUNE_STEP_GRID = (20, 50, 100)
 FINETUNE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 1e-3
@@ -182,12 +187,6 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     if "eval_steps" not in given and isinstance(config["inner_steps"], int):
         # at least as many steps at test time as in training
         config["eval_steps"] = max(config["eval_steps"] or 0, config["inner_steps"])
-    if config["finetune_steps"] is None:
-        # The baselines adapt with as many steps as the meta-learner (the MAML paper's
-        # comparison); a metric learner takes none, so they get FINETUNE_STEPS.
-        config["finetune_steps"] = (max(1, config["eval_steps"])
-                                    if algorithm in GRADIENT and isinstance(config["eval_steps"], int)
-                                    else FINETUNE_STEPS)
     if config["output"] is None:
         config["output"] = os.path.join("runs", f"{dataset}-{algorithm}")
     config["output"] = str(config["output"])
@@ -202,8 +201,10 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
                          f"{config['augment']!r}")
     for key in ("ways", "train_ways", "shots", "queries", "eval_queries", "meta_batch",
                 "inner_steps", "iterations", "eval_tasks", "val_every", "val_tasks",
-                "log_every", "checkpoint_every", "baseline_steps", "finetune_steps", "threads"):
+                "log_every", "checkpoint_every", "baseline_steps", "threads"):
         training.require_positive_int(config, key)
+    if config["finetune_steps"] is not None:
+        training.require_positive_int(config, "finetune_steps")
     if isinstance(config["eval_steps"], bool) or not isinstance(config["eval_steps"], int) \
             or config["eval_steps"] < 0:
         raise ValueError(f"--eval-steps must be a non-negative integer, got {config['eval_steps']!r}")
@@ -689,10 +690,19 @@ def _per_task_forward(model: nn.Module) -> Callable[[Sequence[Tensor], Tensor], 
 
 
 def finetune_scores(model: nn.Sequential, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                    lr: float, steps: int = FINETUNE_STEPS, head_only: bool = False) -> Tensor:
+                    lr: float, steps: int = FINETUNE_STEP_GRID[-1], head_only: bool = False
+                    ) -> Tensor:
     """Trains a copy of ``model`` on every task's support set at once (per-task weights;
     Adam, ``steps`` full-batch steps of step size ``lr``; all layers, or only the last
     layer -- then on features computed once) and returns the query scores ``[T, Q, N]``."""
+    return finetune_scores_at(model, support_x, support_y, query_x, lr, (steps,), head_only)[steps]
+
+
+def finetune_scores_at(model: nn.Sequential, support_x: Tensor, support_y: Tensor,
+                       query_x: Tensor, lr: float, steps: Sequence[int], head_only: bool = False
+                       ) -> dict[int, Tensor]:
+    """:func:`finetune_scores` after each number of ``steps``, from one run of the largest
+    (the same numbers as separate runs: the query scores leave the training untouched)."""
     tasks = support_x.shape[0]
     if head_only:
         body, head = nn.Sequential(*list(model)[:-1]), nn.Sequential(list(model)[-1])
@@ -706,14 +716,18 @@ def finetune_scores(model: nn.Sequential, support_x: Tensor, support_y: Tensor, 
     fast = [p.detach().unsqueeze(0).repeat(tasks, *([1] * p.dim())).requires_grad_()
             for p in model.parameters()]
     optimizer = torch.optim.Adam(fast, lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
+    scores, last = {}, max(steps)
+    for step in range(last + 1):
+        if step in steps:
+            with torch.no_grad():
+                scores[step] = forward([w.detach() for w in fast], query_x)
+        if step == last:
+            return scores
+        with torch.enable_grad():
             losses = per_task_loss("cross_entropy", forward(fast, support_x), support_y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
-    with torch.no_grad():
-        return forward([w.detach() for w in fast], query_x)
 
 
 def pretrain(config: dict[str, Any], data: ClassDataset, steps: int, seed: int,
@@ -774,19 +788,20 @@ def _pretrained_baseline(config, splits, device, cache: Path | None, quiet, stre
     return model
 
 
-def _choose(candidates: dict[Any, tuple], chunks, steps: int) -> tuple[Any, float]:
-    """The fine-tuning setting (``(lr, ...)`` -> ``(model, head_only)``) with the best mean
-    validation accuracy."""
+def _choose(candidates: dict[Any, tuple], chunks, steps: Sequence[int]) -> tuple[Any, int, float]:
+    """The fine-tuning setting (``(lr, ...)`` -> ``(model, head_only)``) and number of
+    ``steps`` with the best mean validation accuracy (ties: the earlier setting, fewer steps),
+    and that accuracy."""
     best, best_score = None, -1.0
     for setting, (model, head_only) in candidates.items():
-        lr = setting[0]
-        scores = torch.cat([task_accuracy(finetune_scores(model, c.support_x, c.support_y,
-                                                          c.query_x, lr, steps, head_only),
-                                          c.query_y) for c in chunks])
-        score = float(scores.mean())
-        if score > best_score + 1e-12:
-            best, best_score = setting, score
-    return best, best_score
+        runs = [finetune_scores_at(model, c.support_x, c.support_y, c.query_x, setting[0], steps,
+                                   head_only) for c in chunks]
+        for n in sorted(steps):
+            score = float(torch.cat([task_accuracy(run[n], c.query_y)
+                                     for run, c in zip(runs, chunks)]).mean())
+            if score > best_score + 1e-12:
+                best, best_score = (setting, n), score
+    return best[0], best[1], best_score
 
 
 # Evaluation ---------------------------------------------------------------------------------
@@ -830,25 +845,29 @@ def evaluate(learner: nn.Module, config: dict[str, Any], splits: Splits, seed: i
             scratch = baseline_network(config, splits.train.image_shape, ways).to(device)
         pretrained = _with_new_head(
             _pretrained_baseline(config, splits, device, baseline_cache, quiet, stream), ways)
-        steps = config["finetune_steps"]
-        (scratch_lr,), scratch_val = _choose({(lr,): (scratch, False) for lr in FINETUNE_LRS},
-                                             validation, steps)
-        (pre_lr, head_only), pre_val = _choose(
+        fixed = config.get("finetune_steps")
+        grid = FINETUNE_STEP_GRID if fixed is None else (fixed,)
+        (scratch_lr,), scratch_steps, scratch_val = _choose(
+            {(lr,): (scratch, False) for lr in FINETUNE_LRS}, validation, grid)
+        (pre_lr, head_only), pre_steps, pre_val = _choose(
             {(lr, head): (pretrained, head) for lr in FINETUNE_LRS for head in (False, True)},
-            validation, steps)
-        for name, model, lr, head, val in (("scratch", scratch, scratch_lr, False, scratch_val),
-                                           ("pretrained", pretrained, pre_lr, head_only, pre_val)):
+            validation, grid)
+        for name, model, lr, head, steps, val in (
+                ("scratch", scratch, scratch_lr, False, scratch_steps, scratch_val),
+                ("pretrained", pretrained, pre_lr, head_only, pre_steps, pre_val)):
             accuracy = torch.cat([task_accuracy(finetune_scores(model, c.support_x, c.support_y,
                                                                 c.query_x, lr, steps, head),
                                                 c.query_y) for c in chunks])
             mean, ci = mean_ci(accuracy)
-            results["accuracy"][name] = {"mean": mean, "ci95": ci, "lr": lr,
+            results["accuracy"][name] = {"mean": mean, "ci95": ci, "lr": lr, "steps": steps,
                                          "head_only": head, "val_accuracy": val}
+        same_budget = (fixed is not None and config["algorithm"] in GRADIENT
+                       and fixed == config["eval_steps"])
         results["baseline"] = {
-            "finetune": f"Adam, {steps} full-batch step{'s' if steps != 1 else ''} on the "
-                        f"support set" + (f" (as many as {config['algorithm']}'s adaptation)"
-                                          if config["algorithm"] in GRADIENT
-                                          and steps == config["eval_steps"] else ""),
+            "finetune": "full-batch Adam on the support set" + (
+                "" if fixed is None else f", {fixed} step{'s' if fixed != 1 else ''}"
+                + (f" (as many as {config['algorithm']}'s adaptation)" if same_budget else "")),
+            "steps_grid": list(grid),
             "lr_grid": list(FINETUNE_LRS),
             "validation_tasks": sum(c.support_x.shape[0] for c in validation),
             "pretrain_steps": config["baseline_steps"], "pretrain_batch": PRETRAIN_BATCH,
@@ -886,11 +905,12 @@ def format_table(results: dict[str, Any]) -> str:
                  f"class), classes never seen in training")
     rows = [(f"{label} (meta-learned)", acc["meta"])]
     if "scratch" in acc:
-        rows.append(("same network from scratch on the support set", acc["scratch"]))
+        rows.append((f"same network from scratch on the support set{_steps(acc['scratch'])}",
+                     acc["scratch"]))
     if "pretrained" in acc:
         classes = results.get("baseline", {}).get("pretrain_classes", "all")
-        rows.append((f"pretrained on the {classes} training classes + fine-tuned",
-                     acc["pretrained"]))
+        rows.append((f"pretrained on the {classes} training classes + fine-tuned"
+                     f"{_steps(acc['pretrained'])}", acc["pretrained"]))
     width = max(len(name) for name, _ in rows) + 2
     lines.append(f"{'method':<{width}}accuracy")
     for name, cell in rows:
@@ -900,12 +920,27 @@ def format_table(results: dict[str, Any]) -> str:
     if "scratch" in acc:
         b = results["baseline"]
         pre = acc["pretrained"]
-        lines.append(f"baselines: {b['finetune']}; step size chosen from "
-                     f"{{{', '.join(f'{lr:g}' for lr in b['lr_grid'])}}} on "
-                     f"{b['validation_tasks']} validation tasks: scratch {acc['scratch']['lr']:g}, "
-                     f"pretrained {pre['lr']:g} ({'head only' if pre['head_only'] else 'all layers'}"
-                     f"; pretrained {b['pretrain_steps']} Adam steps).")
+        lrs = f"step size from {{{', '.join(f'{lr:g}' for lr in b['lr_grid'])}}}"
+        steps_chosen = len(b.get("steps_grid", ())) > 1
+
+        def setting(cell):
+            return f"{cell['steps']} steps of {cell['lr']:g}" if steps_chosen else f"{cell['lr']:g}"
+
+        lines.append(f"baselines: {b['finetune']}; "
+                     + (f"steps from {{{', '.join(map(str, b['steps_grid']))}}} and {lrs}"
+                        if steps_chosen else lrs)
+                     + f" chosen on {b['validation_tasks']} validation tasks: scratch "
+                     f"{setting(acc['scratch'])}, pretrained {setting(pre)} "
+                     f"({'head only' if pre['head_only'] else 'all layers'}; pretrained "
+                     f"{b['pretrain_steps']} Adam steps).")
     return "\n".join(lines)
+
+
+def _steps(cell: dict[str, Any]) -> str:
+    """A baseline's fine-tuning steps for its table row ("" in results from before they were
+    recorded)."""
+    steps = cell.get("steps")
+    return "" if steps is None else f", {steps} Adam step{'s' if steps != 1 else ''}"
 
 
 def plot_learning_curves(metrics_path: str | os.PathLike, path: str | os.PathLike,
