@@ -26,7 +26,8 @@ differentiable torch.func.grad), a plain per-task autograd loop, learn2learn 0.2
 higher 0.2.1 (install with benchmarks/install_comparisons.sh; "not installed" otherwise).
 
 Each meta-step is: zero the gradients, forward over the meta-batch, backward (Reptile: the
-inner loops and theta - mean(phi) into .grad). Times are per meta-step after warm-up.
+inner loops and theta - mean(phi) into .grad). Times are per meta-step after warm-up, each
+measured over a block of consecutive meta-steps (--block-ms), as a training loop runs them.
 Useful FLOPs are counted analytically (see bench_workloads.useful_flops) and compared to
 this machine's float32 matmul peak, measured here with a large torch.mm on 2 threads.
 """
@@ -121,12 +122,15 @@ def matmul_peak() -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------
 # Timing mode
 # ---------------------------------------------------------------------------------------------
-def run_cell(w: bw.Workload, algo: bw.Algorithm, impls, repeats: int, warmup: int, log) -> dict:
-    """Per implementation: {"times": [...], "grad": Tensor} or {"na": reason}.
+def run_cell(w: bw.Workload, algo: bw.Algorithm, impls, repeats: int, warmup: int,
+             block_seconds: float, log) -> dict:
+    """Per implementation: {"times": [...], "block": n, "grad": Tensor} or {"na": reason}.
 
-    All implementations are built and warmed up first, then timed round-robin (repeat r of
-    every implementation before repeat r+1 of any), so that a change in the machine's load
-    during the run hits every implementation alike.
+    A training loop runs meta-steps back to back, so each implementation is timed over
+    blocks of consecutive meta-steps (as many as take about ``block_seconds``, at least
+    one), and "times" holds each block's time per meta-step. All implementations are built
+    and warmed up first, then timed round-robin (block r of every implementation before
+    block r + 1 of any), so that a change in the machine's load hits them alike.
     """
     results, steps, models = {}, {}, {}
     for impl in impls:
@@ -137,15 +141,20 @@ def run_cell(w: bw.Workload, algo: bw.Algorithm, impls, repeats: int, warmup: in
         except bw.Unavailable as error:
             results[impl] = {"na": str(error)}
             continue
+        start = time.perf_counter()
         for _ in range(warmup):
             steps[impl]()
-        results[impl] = {"times": []}
+        per_step = (time.perf_counter() - start) / max(warmup, 1)
+        block = max(1, min(1000, int(block_seconds / max(per_step, 1e-6))))
+        results[impl] = {"times": [], "block": block}
     log(f"  {w.key} {algo.label}: timing {repeats} rounds of {len(steps)} implementations ...")
     for _ in range(repeats):
         for impl, step in steps.items():
+            block = results[impl]["block"]
             start = time.perf_counter()
-            step()
-            results[impl]["times"].append(time.perf_counter() - start)
+            for _ in range(block):
+                step()
+            results[impl]["times"].append((time.perf_counter() - start) / block)
     for impl, model in models.items():
         results[impl]["grad"] = bw.meta_gradient(model).detach().double()
     return results
@@ -169,15 +178,16 @@ def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, pea
     lines = [f"#### {w.key}: {algo.label}",
              "",
              f"{w.title}; useful FLOPs per meta-step: {flops / 1e9:.3g} GFLOP; "
-             f"{repeats} timed rounds after {warmup} warm-up.",
+             f"{repeats} timed rounds after {warmup} warm-up; each round times a block of "
+             f"consecutive meta-steps per implementation (steps per block in the last column).",
              "",
              "| implementation | median ms | min ms | tasks/s | x fastmeta-cpu | x reference "
-             "| GFLOP/s | % of peak | grad error vs float64 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| GFLOP/s | % of peak | grad error vs float64 | steps/block |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for impl in impls:
         r = results[impl]
         if "na" in r:
-            lines.append(f"| {impl} | n/a ({r['na']}) | | | | | | | |")
+            lines.append(f"| {impl} | n/a ({r['na']}) | | | | | | | | |")
             continue
         med, low = statistics.median(r["times"]), min(r["times"])
         vs_cpu = f"{med / cpu_med:.2f}" if cpu_med else "n/a"
@@ -185,7 +195,8 @@ def timing_table(w: bw.Workload, algo: bw.Algorithm, impls, repeats, warmup, pea
         error = float((r["grad"] - oracle).abs().max() / oracle.abs().max())
         rate = flops / med
         lines.append(f"| {impl} | {fmt_ms(med)} | {fmt_ms(low)} | {w.tasks / med:.1f} | {vs_cpu} "
-                     f"| {vs_ref} | {rate / 1e9:.2f} | {100 * rate / peak:.1f} | {error:.1e} |")
+                     f"| {vs_ref} | {rate / 1e9:.2f} | {100 * rate / peak:.1f} | {error:.1e} "
+                     f"| {r['block']} |")
     lines.append("")
     return lines
 
@@ -276,6 +287,9 @@ def main(argv=None) -> int:
                         help="comma-separated subset of W1,W2,W3 (default W1,W3; W2 takes minutes)")
     parser.add_argument("--repeats", type=int, default=20, help="timed meta-steps per cell (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed meta-steps first (default 3)")
+    parser.add_argument("--block-ms", type=float, default=20.0,
+                        help="each timed block runs consecutive meta-steps for about this long "
+                             "(default 20; 0 times single meta-steps)")
     parser.add_argument("--w2-repeats", type=int, default=3,
                         help="timed meta-steps for W2, with 1 warm-up (default 3)")
     parser.add_argument("--impls", default=",".join(bw.IMPLEMENTATIONS),
@@ -326,7 +340,8 @@ def main(argv=None) -> int:
             w = bw.WORKLOADS[key]()
             repeats, warmup = (args.w2_repeats, 1) if key == "W2" else (args.repeats, args.warmup)
             for algo in PLAN[key]:
-                cells.append((w, algo, repeats, warmup, run_cell(w, algo, impls, repeats, warmup, log)))
+                results = run_cell(w, algo, impls, repeats, warmup, args.block_ms / 1e3, log)
+                cells.append((w, algo, repeats, warmup, results))
         log("measuring the float32 matmul peak again ...")
         peak_end, how_end = matmul_peak()
         peak, how = max((peak_start, how_start), (peak_end, how_end))

@@ -8,6 +8,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "mlp_spec.h"
 #include "simd.h"
@@ -20,25 +21,28 @@ inline bool is_piecewise_linear(Activation act) {
   return act == Activation::identity || act == Activation::relu;
 }
 
-// a = sigma(a) in place, on the first `cols` columns of each row.
+// a = sigma(a) in place on `rows` rows of stride ld whose first `cols` columns are real
+// and the rest hold zeros, which must stay zeros. ReLU keeps a zero a zero, so it runs over
+// the whole rows in one vectorised sweep; tanh and sigmoid (sigmoid(0) != 0) over the real
+// columns only.
 template <typename Scalar>
 void apply_activation(Activation act, int64_t rows, int64_t cols, Scalar* a, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    Scalar* row = a + r * ld;
-    switch (act) {
-      case Activation::identity:
-        break;
-      case Activation::relu:
+  switch (act) {
+    case Activation::identity:
+      break;
+    case Activation::relu:
 #pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) row[j] = row[j] > Scalar(0) ? row[j] : Scalar(0);
-        break;
-      case Activation::tanh:
-        for (int64_t j = 0; j < cols; ++j) row[j] = std::tanh(row[j]);
-        break;
-      case Activation::sigmoid:
-        for (int64_t j = 0; j < cols; ++j) row[j] = Scalar(1) / (Scalar(1) + std::exp(-row[j]));
-        break;
-    }
+      for (int64_t j = 0; j < rows * ld; ++j) a[j] = a[j] > Scalar(0) ? a[j] : Scalar(0);
+      break;
+    case Activation::tanh:
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) a[r * ld + j] = std::tanh(a[r * ld + j]);
+      break;
+    case Activation::sigmoid:
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          a[r * ld + j] = Scalar(1) / (Scalar(1) + std::exp(-a[r * ld + j]));
+      break;
   }
 }
 
@@ -68,48 +72,42 @@ inline Scalar activation_curvature(Activation act, Scalar a) {  // sigma''
   }
 }
 
-// out = sigma'(a) * in, on the first `cols` columns (out may alias in).
+// The two functions below run over `count` elements of whole padded rows: a padding
+// column holds a = 0 and a zero in every other operand, and sigma'(0) * 0 = sigma''(0) *
+// 0 = 0 for every activation, so the padding stays zero.
+
+// out = sigma'(a) * in (out may alias in).
 template <typename Scalar>
-void multiply_by_slope(Activation act, int64_t rows, int64_t cols, const Scalar* a,
-                       const Scalar* in, Scalar* out, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const Scalar* ar = a + r * ld;
-    const Scalar* ir = in + r * ld;
-    Scalar* orow = out + r * ld;
-    switch (act) {
-      case Activation::identity:
-        if (orow != ir)
-          for (int64_t j = 0; j < cols; ++j) orow[j] = ir[j];
-        break;
-      case Activation::relu:
+void multiply_by_slope(Activation act, int64_t count, const Scalar* a, const Scalar* in,
+                       Scalar* out) {
+  switch (act) {
+    case Activation::identity:
+      if (out != in) std::memcpy(out, in, sizeof(Scalar) * count);
+      break;
+    case Activation::relu:
 #pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) orow[j] = ar[j] > Scalar(0) ? ir[j] : Scalar(0);
-        break;
-      default:
+      for (int64_t j = 0; j < count; ++j) out[j] = a[j] > Scalar(0) ? in[j] : Scalar(0);
+      break;
+    default:
 #pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) orow[j] = activation_slope(act, ar[j]) * ir[j];
-        break;
-    }
+      for (int64_t j = 0; j < count; ++j) out[j] = activation_slope(act, a[j]) * in[j];
+      break;
   }
 }
 
 // The R-backward through the activation:
 //   R{d} = sigma''(y) R{y} delta_a + sigma'(y) R{delta_a}
 template <typename Scalar>
-void activation_r_backward(Activation act, int64_t rows, int64_t cols, const Scalar* a,
-                           const Scalar* r_pre, const Scalar* delta_a,
-                           const Scalar* r_delta_a, Scalar* r_delta_pre, int64_t ld) {
+void activation_r_backward(Activation act, int64_t count, const Scalar* a, const Scalar* r_pre,
+                           const Scalar* delta_a, const Scalar* r_delta_a, Scalar* r_delta_pre) {
   if (is_piecewise_linear(act)) {
-    multiply_by_slope(act, rows, cols, a, r_delta_a, r_delta_pre, ld);
+    multiply_by_slope(act, count, a, r_delta_a, r_delta_pre);
     return;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t o = r * ld;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      r_delta_pre[o + j] = activation_curvature(act, a[o + j]) * r_pre[o + j] * delta_a[o + j] +
-                           activation_slope(act, a[o + j]) * r_delta_a[o + j];
-    }
+  for (int64_t j = 0; j < count; ++j) {
+    r_delta_pre[j] = activation_curvature(act, a[j]) * r_pre[j] * delta_a[j] +
+                     activation_slope(act, a[j]) * r_delta_a[j];
   }
 }
 

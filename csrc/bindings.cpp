@@ -38,10 +38,10 @@ void bind_reptile_direction(const py::buffer& theta, const py::buffer& task_weig
 
 void reptile_direction_any(const py::buffer& theta, const py::buffer& task_weights,
                            const py::buffer& out) {
-  const std::string format = theta.request().format;
-  if (format == py::format_descriptor<float>::format()) {
+  const std::string format = Buffer(theta, false).format();
+  if (format == FormatOf<float>::name) {
     bind_reptile_direction<float>(theta, task_weights, out);
-  } else if (format == py::format_descriptor<double>::format()) {
+  } else if (format == FormatOf<double>::name) {
     bind_reptile_direction<double>(theta, task_weights, out);
   } else {
     throw py::type_error("reptile_direction: only float32 and float64 are supported, got '" +

@@ -58,11 +58,10 @@ std::vector<Scalar*> tensor_pointers(const MlpSpec& spec, const py::list& tensor
     throw py::value_error(std::string(what) + ": expected " + std::to_string(spec.num_tensors()) +
                           " tensors, got " + std::to_string(tensors.size()));
   std::vector<Scalar*> pointers;
-  std::size_t i = 0;
+  pointers.reserve(tensors.size());
   const auto add = [&](int64_t numel) {
-    const std::string name = std::string(what) + "[" + std::to_string(i) + "]";
-    pointers.push_back(
-        view_flat<Scalar>(tensors[i++].cast<py::buffer>(), name.c_str(), numel, writable).data);
+    const int64_t i = static_cast<int64_t>(pointers.size());
+    pointers.push_back(view_flat<Scalar>(tensors[i], {what, i}, numel, writable));
   };
   for (int64_t l = 0; l < spec.num_layers(); ++l) {
     add(spec.widths[l + 1] * spec.widths[l]);
@@ -83,64 +82,60 @@ std::vector<const Scalar*> input_pointers(const MlpSpec& spec, const py::list& t
 template <typename Element>
 struct TaskBuffer {
   const Element* data = nullptr;
-  std::vector<int64_t> shape;
-  int64_t task_stride = 0;  // elements from one task to the next
-  int64_t task_numel() const {
-    int64_t n = 1;
-    for (std::size_t d = 1; d < shape.size(); ++d) n *= shape[d];
-    return n;
-  }
+  int64_t tasks = 0, task_numel = 1;
+  int64_t rows = 0, features = 0;  // shape[1], shape[2] (when the buffer has them)
+  int64_t task_stride = 0;         // elements from one task to the next
 };
 
 template <typename Element>
-TaskBuffer<Element> view_tasks(const py::buffer& obj, const char* name, int64_t ndim) {
-  const py::buffer_info info = obj.request();
-  if (!info.item_type_is_equivalent_to<Element>())
-    throw py::type_error(std::string(name) + ": expected element format '" +
-                         py::format_descriptor<Element>::format() + "', got '" + info.format + "'");
-  if (ndim > 0 ? info.ndim != ndim : info.ndim < 1)
+TaskBuffer<Element> view_tasks(py::handle obj, const char* name, int64_t ndim) {
+  const Buffer b(obj, false);
+  b.check_type<Element>(name);
+  if (ndim > 0 ? b.ndim() != ndim : b.ndim() < 1)
     throw py::value_error(std::string(name) + ": expected " +
                           (ndim > 0 ? std::to_string(ndim) : std::string("at least 1")) +
-                          " dimensions, got " + std::to_string(info.ndim));
-  const int64_t item = static_cast<int64_t>(sizeof(Element));
-  int64_t expected = item;
-  for (int64_t d = info.ndim - 1; d >= 1; --d) {
-    if (info.shape[d] > 1 && info.strides[d] != expected)
-      throw py::value_error(std::string(name) + ": each task's rows must be C-contiguous");
-    expected *= info.shape[d];
-  }
+                          " dimensions, got " + std::to_string(b.ndim()));
+  if (!b.contiguous_from(1))
+    throw py::value_error(std::string(name) + ": each task's rows must be C-contiguous");
   TaskBuffer<Element> view;
-  view.data = static_cast<const Element*>(info.ptr);
-  view.shape.assign(info.shape.begin(), info.shape.end());
-  if (info.shape[0] > 1) {
-    if (info.strides[0] < 0 || info.strides[0] % item != 0)
+  view.data = static_cast<const Element*>(b.data());
+  view.tasks = b.shape(0);
+  for (int64_t d = 1; d < b.ndim(); ++d) view.task_numel *= b.shape(d);
+  view.rows = b.ndim() > 1 ? b.shape(1) : 0;
+  view.features = b.ndim() > 2 ? b.shape(2) : 0;
+  const int64_t item = static_cast<int64_t>(sizeof(Element));
+  if (view.tasks > 1) {
+    if (b.stride(0) < 0 || b.stride(0) % item != 0)
       throw py::value_error(std::string(name) + ": tasks must lie a whole, non-negative "
                             "number of elements apart");
-    view.task_stride = info.strides[0] / item;
+    view.task_stride = b.stride(0) / item;
   }
   return view;
+}
+
+std::string shape_of(py::handle obj) {
+  return shape_string(Buffer(obj, false).shape_vector());
 }
 
 // Targets: [T, N * out] values (mse, any shape [T, ...] with N * out values per task) or
 // [T, N] labels in [0, out) (cross-entropy). Returns the data; `stride` gets the task stride.
 template <typename Scalar>
-const void* target_pointer(const MlpSpec& spec, const py::buffer& y, const char* name,
-                           int64_t tasks, int64_t rows, int64_t& stride) {
+const void* target_pointer(const MlpSpec& spec, py::handle y, const char* name, int64_t tasks,
+                           int64_t rows, int64_t& stride) {
   const int64_t out = spec.widths.back();
   if (spec.loss == Loss::mse) {
-    TaskBuffer<Scalar> values = view_tasks<Scalar>(y, name, 0);
-    if (values.shape[0] != tasks || values.task_numel() != rows * out)
+    const TaskBuffer<Scalar> values = view_tasks<Scalar>(y, name, 0);
+    if (values.tasks != tasks || values.task_numel != rows * out)
       throw py::value_error(std::string(name) + ": expected " + std::to_string(tasks) +
                             " tasks of " + std::to_string(rows * out) + " values, got shape " +
-                            detail::shape_string(values.shape));
+                            shape_of(y));
     stride = values.task_stride;
     return values.data;
   }
-  TaskBuffer<int64_t> labels = view_tasks<int64_t>(y, name, 2);
-  if (labels.shape[0] != tasks || labels.shape[1] != rows)
+  const TaskBuffer<int64_t> labels = view_tasks<int64_t>(y, name, 2);
+  if (labels.tasks != tasks || labels.rows != rows)
     throw py::value_error(std::string(name) + ": expected shape " +
-                          detail::shape_string({tasks, rows}) + ", got " +
-                          detail::shape_string(labels.shape));
+                          shape_string({tasks, rows}) + ", got " + shape_of(y));
   for (int64_t t = 0; t < tasks; ++t)
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t label = labels.data[t * labels.task_stride + i];
@@ -154,9 +149,9 @@ const void* target_pointer(const MlpSpec& spec, const py::buffer& y, const char*
 
 template <typename Scalar>
 Scalar* optional_output(const py::object& obj, const char* name,
-                        const std::vector<int64_t>& shape) {
+                        std::initializer_list<int64_t> shape) {
   if (obj.is_none()) return nullptr;
-  return view_shaped<Scalar>(obj.cast<py::buffer>(), name, shape, true).data;
+  return view_shaped<Scalar>(obj, name, shape, true);
 }
 
 template <typename Scalar>
@@ -182,33 +177,33 @@ bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
     args.lr = lr.cast<Scalar>();
   }
 
-  TaskBuffer<Scalar> sx = view_tasks<Scalar>(support_x, "support_x", 3);
-  args.tasks = sx.shape[0];
-  args.support = sx.shape[1];
-  if (args.tasks < 1 || args.support < 1 || sx.shape[2] != spec.widths[0])
+  const TaskBuffer<Scalar> sx = view_tasks<Scalar>(support_x, "support_x", 3);
+  args.tasks = sx.tasks;
+  args.support = sx.rows;
+  if (args.tasks < 1 || args.support < 1 || sx.features != spec.widths[0])
     throw py::value_error("support_x: expected shape [T >= 1, S >= 1, " +
                           std::to_string(spec.widths[0]) + "], got " +
-                          detail::shape_string(sx.shape));
+                          shape_of(support_x));
   args.support_x = sx.data;
   args.support_x_stride = sx.task_stride;
   args.support_y = target_pointer<Scalar>(spec, support_y, "support_y", args.tasks, args.support,
                                           args.support_y_stride);
   args.support_loss =
-      view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true).data;
+      view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true);
 
   if (args.algorithm != Algorithm::reptile) {
     if (query_x.is_none() || query_y.is_none() || query_loss.is_none())
       throw py::value_error("meta_step: MAML-type algorithms need query_x, query_y and query_loss");
-    TaskBuffer<Scalar> qx = view_tasks<Scalar>(query_x.cast<py::buffer>(), "query_x", 3);
-    args.query = qx.shape[1];
-    if (qx.shape[0] != args.tasks || args.query < 1 || qx.shape[2] != spec.widths[0])
+    const TaskBuffer<Scalar> qx = view_tasks<Scalar>(query_x, "query_x", 3);
+    args.query = qx.rows;
+    if (qx.tasks != args.tasks || args.query < 1 || qx.features != spec.widths[0])
       throw py::value_error("query_x: expected shape [" + std::to_string(args.tasks) +
                             ", Q >= 1, " + std::to_string(spec.widths[0]) + "], got " +
-                            detail::shape_string(qx.shape));
+                            shape_of(query_x));
     args.query_x = qx.data;
     args.query_x_stride = qx.task_stride;
-    args.query_y = target_pointer<Scalar>(spec, query_y.cast<py::buffer>(), "query_y", args.tasks,
-                                          args.query, args.query_y_stride);
+    args.query_y = target_pointer<Scalar>(spec, query_y, "query_y", args.tasks, args.query,
+                                          args.query_y_stride);
     args.query_loss = optional_output<Scalar>(query_loss, "query_loss", {args.tasks});
     if (spec.loss == Loss::cross_entropy)
       args.query_accuracy = optional_output<Scalar>(query_accuracy, "query_accuracy", {args.tasks});
@@ -235,15 +230,15 @@ bool meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
                bool need_grad, const py::buffer& support_loss, const py::object& query_loss,
                const py::object& query_accuracy, const py::object& grad,
                const py::object& lr_grad, const py::object& adapted) {
-  const std::string format = support_x.request().format;
-  if (format == py::format_descriptor<float>::format())
-    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
-                           query_x, query_y, need_grad, support_loss, query_loss,
-                           query_accuracy, grad, lr_grad, adapted);
-  if (format == py::format_descriptor<double>::format())
-    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x, support_y,
-                            query_x, query_y, need_grad, support_loss, query_loss,
-                            query_accuracy, grad, lr_grad, adapted);
+  const std::string format = Buffer(support_x, false).format();
+  if (format == FormatOf<float>::name)
+    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x,
+                                  support_y, query_x, query_y, need_grad, support_loss,
+                                  query_loss, query_accuracy, grad, lr_grad, adapted);
+  if (format == FormatOf<double>::name)
+    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x,
+                                   support_y, query_x, query_y, need_grad, support_loss,
+                                   query_loss, query_accuracy, grad, lr_grad, adapted);
   throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
 }
 
@@ -264,7 +259,8 @@ void bind_mlp_engine(py::module_& m) {
            py::arg("grad"), py::arg("lr_grad"), py::arg("adapted"),
            "Runs one meta-step for every task and writes the given output buffers (grad and "
            "lr_grad: one buffer per parameter tensor; adapted: [T, P]). Returns whether every "
-           "support and query loss is finite.")
+           "support and query loss is finite; False without computing anything (outputs "
+           "left unwritten) when support_x, query_x or mse targets hold a NaN or infinity.")
       .def_property_readonly("num_params", [](const MlpEngine& e) { return e.spec().num_params(); })
       .def_property_readonly("workspace_bytes", &MlpEngine::workspace_bytes);
   m.def("engine_isa", &engine_isa, "The instruction set the MLP engine's kernels use");

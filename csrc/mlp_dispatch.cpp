@@ -12,23 +12,20 @@ namespace fastmeta {
 
 Arena::~Arena() { std::free(data_); }
 
-char* Arena::prepare(std::size_t bytes, const std::string& plan) {
+char* Arena::reset(std::size_t bytes, std::unique_ptr<Plan> plan) {
+  plan_.reset();
   bytes = std::max<std::size_t>(64, (bytes + 63) / 64 * 64);
   if (bytes > capacity_) {
     std::free(data_);
     data_ = static_cast<char*>(std::aligned_alloc(64, bytes));
     if (!data_) {
       capacity_ = 0;
-      plan_.clear();
       throw std::bad_alloc();
     }
     capacity_ = bytes;
-    std::memset(data_, 0, bytes);
-    plan_ = plan;
-  } else if (plan != plan_) {
-    std::memset(data_, 0, bytes);
-    plan_ = plan;
   }
+  std::memset(data_, 0, bytes);
+  plan_ = std::move(plan);
   return data_;
 }
 
@@ -85,16 +82,17 @@ const char* engine_isa() {
 
 MlpEngine::MlpEngine(MlpSpec spec) : spec_(std::move(spec)) { spec_.validate(); }
 
+// (Non-finite inputs stop the engine before it computes anything: nothing to forget.)
 void MlpEngine::meta_step(MetaStepArgs<float>& args) {
   std::lock_guard<std::mutex> lock(mutex_);
   dispatch(spec_, args, arena_);
-  if (!args.all_finite) arena_.invalidate();
+  if (!args.all_finite && args.inputs_finite) arena_.invalidate();
 }
 
 void MlpEngine::meta_step(MetaStepArgs<double>& args) {
   std::lock_guard<std::mutex> lock(mutex_);
   dispatch(spec_, args, arena_);
-  if (!args.all_finite) arena_.invalidate();
+  if (!args.all_finite && args.inputs_finite) arena_.invalidate();
 }
 
 }  // namespace fastmeta

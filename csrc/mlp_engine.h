@@ -5,39 +5,53 @@
 // phi_K and its gradient v_K, then the reverse sweep v_k = v_{k+1} - H_k (alpha * v_{k+1})
 // with Hessian-vector products by forward-over-reverse, recomputing each step's
 // activations from the stored phi_k (memory O(threads * K * P), never activations x K).
-// Tasks run in parallel (OpenMP), each whole on one thread; their gradients are summed in
-// task order, so the result is bitwise the same for any number of threads.
+// Tasks run in parallel (worker_pool.h), each whole on one thread; their gradients are
+// summed in an order fixed by the meta-batch alone, so the result is bitwise the same for
+// any number of threads. Inputs holding a NaN or infinity stop the call before anything
+// is computed (MetaStepArgs::inputs_finite).
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
-#include <string>
+#include <vector>
 
 #include "mlp_spec.h"
 
 namespace fastmeta {
 
 // One 64-byte-aligned block of scratch memory, kept across calls so a training loop
-// does not pay for page faults on every step. Zeroed whenever the layout carved from it
-// changes: the padding the kernels rely on must read zero.
+// does not pay for page faults on every step, with the plan of what was carved from it.
+// Zeroed whenever the plan changes: the padding the kernels rely on must read zero.
 class Arena {
  public:
+  // What a meta-step carved from the block (pointers into it), for reuse by the next
+  // call with the same key.
+  struct Plan {
+    virtual ~Plan() = default;
+    std::vector<int64_t> key;  // the shapes and options the carving depends on
+  };
+
   Arena() = default;
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
   ~Arena();
 
-  // Makes room for `bytes`; zeroes the block when `plan` differs from the last call's.
-  char* prepare(std::size_t bytes, const std::string& plan);
-  // Forces the next prepare() to zero the block (after a call that produced non-finite
-  // values: insurance that nothing of it is ever read again).
-  void invalidate() { plan_.clear(); }
+  // The current plan if its key is `key`, else null.
+  Plan* plan(const std::vector<int64_t>& key) const {
+    return plan_ && plan_->key == key ? plan_.get() : nullptr;
+  }
+  // Makes room for `bytes`, zeroes them and keeps `plan` (to be carved from the result).
+  char* reset(std::size_t bytes, std::unique_ptr<Plan> plan);
+  // Forgets the plan, so the next call zeroes the block again (after a call that produced
+  // non-finite values: insurance that nothing of it is ever read again).
+  void invalidate() { plan_.reset(); }
   std::size_t capacity() const { return capacity_; }
 
  private:
   char* data_ = nullptr;
   std::size_t capacity_ = 0;
-  std::string plan_;
+  std::unique_ptr<Plan> plan_;
 };
 
 // Hands out aligned pieces of the arena. Run once with base == nullptr to measure the

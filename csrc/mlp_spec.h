@@ -81,7 +81,11 @@ struct MetaStepArgs {
   std::vector<Scalar*> lr_grads;  // Meta-SGD's rate gradient
   Scalar* adapted = nullptr;      // [T, P]: every task's phi_K, flat; may be null
 
-  bool all_finite = true;  // set by the engine: every support and query loss is finite
+  // Set by the engine. inputs_finite: support_x, query_x (and mse targets) hold no NaN or
+  // infinity; when they do, the engine stops before computing anything and leaves every
+  // output unwritten. all_finite: the inputs and every support and query loss are finite.
+  bool inputs_finite = true;
+  bool all_finite = true;
 };
 
 }  // namespace fastmeta

@@ -84,6 +84,16 @@ struct Simd {
     return r;
   }
 
+  // Transposes the kLanes x kLanes matrix whose rows are v[0..kLanes) in registers:
+  // log2(kLanes) rounds of butterflies, each exchanging blocks of s lanes between rows i
+  // and i + s (kLanes shuffles per round).
+  static inline void transpose(Vec* v) { transpose_round<1>(v); }
+
+  // out[j] = v[bit_reverse(j)]: puts sum_each's sums back in the order of its inputs.
+  static inline Vec unreverse(Vec v) {
+    return shuffle<BitReverse>(v, v, std::make_index_sequence<kLanes>{});
+  }
+
  private:
   // out[j] = lane Index{}(j) of the concatenation (x, y): one two-source shuffle.
   template <typename Index, std::size_t... J>
@@ -97,6 +107,10 @@ struct Simd {
 
   struct Zero {
     constexpr int operator()(std::size_t) const { return 0; }
+  };
+
+  struct BitReverse {
+    constexpr int operator()(std::size_t j) const { return bit_reverse(int(j)); }
   };
 
   template <std::size_t... J>
@@ -121,6 +135,32 @@ struct Simd {
   struct ShiftDown {
     constexpr int operator()(std::size_t j) const { return int((j + W / 2) % kLanes); }
   };
+
+  // Lane j of the butterfly's outputs with block size s: the low output takes a's lane j
+  // or b's lane j - s, the high one a's lane j + s or b's lane j.
+  template <int S, bool High>
+  struct Butterfly {
+    constexpr int operator()(std::size_t j) const {
+      const int lane = int(j);
+      if (lane & S) return High ? kLanes + lane : kLanes + lane - S;
+      return High ? lane + S : lane;
+    }
+  };
+
+  template <int S>
+  static inline void transpose_round(Vec* v) {
+    if constexpr (S < kLanes) {
+      constexpr auto lanes = std::make_index_sequence<kLanes>{};
+#pragma GCC unroll 16
+      for (int i = 0; i < kLanes; ++i) {
+        if (i & S) continue;
+        const Vec a = v[i], b = v[i + S];
+        v[i] = shuffle<Butterfly<S, false>>(a, b, lanes);
+        v[i + S] = shuffle<Butterfly<S, true>>(a, b, lanes);
+      }
+      transpose_round<2 * S>(v);
+    }
+  }
 
   template <int W, std::size_t... J>
   static inline Vec fold(Vec x, Vec y, std::index_sequence<J...> lanes) {

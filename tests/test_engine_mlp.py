@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -237,6 +238,38 @@ def test_changing_shapes_and_a_diverged_call_leave_later_calls_exact():
     assert rel_error(maml(*data), reference(*data)) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["support_x", "support_y", "query_x", "query_y"])
+def test_non_finite_inputs_stop_the_engine_before_it_computes(where, value, dtype):
+    """A NaN or infinity in support_x, query_x or the mse targets: the raw meta_step returns
+    False at once and writes no output (the Python layer then names the tensor and task);
+    the next clean call runs normally."""
+    engine = backends.core().MlpEngine([3, 7, 2], ["tanh", "identity"], [True, True], 0, "mse")
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(dtype) for s in [(7, 3), (7,), (2, 7), (2,)]]
+    data = {"support_x": (4, 5, 3), "support_y": (4, 5, 2), "query_x": (4, 6, 3),
+            "query_y": (4, 6, 2)}
+    data = {name: rng.standard_normal(shape).astype(dtype) for name, shape in data.items()}
+    sentinel = -12345.0
+    support_loss, query_loss = np.full((4, 1), sentinel, dtype), np.full(4, sentinel, dtype)
+    grads = [np.full(p.shape, sentinel, dtype) for p in params]
+
+    def meta_step():
+        return engine.meta_step(params, 0.1, "second_order", 1, data["support_x"],
+                                data["support_y"], data["query_x"], data["query_y"], True,
+                                support_loss, query_loss, None, grads, None, None)
+
+    data[where][2, 4, 1] = value  # task 2, the last row of the support set
+    assert meta_step() is False
+    for out in [support_loss, query_loss, *grads]:
+        assert (out == sentinel).all()
+    data[where][2, 4, 1] = 0.5
+    assert meta_step() is True
+    for out in [support_loss, query_loss, *grads]:
+        assert np.isfinite(out).all() and not (out == sentinel).any()
+
+
 def test_non_contiguous_inputs():
     model = mixed_mlp().double()
     sx, sy, qx, qy = batch("mse", 4, 3, 2, torch.float64)
@@ -310,10 +343,11 @@ def test_auto_falls_back_and_cpu_refuses_with_the_reason():
 # Determinism and every compiled instruction set
 # --------------------------------------------------------------------------------------------
 _SCRIPT = textwrap.dedent("""
-    import hashlib, sys
+    import hashlib, os, sys
     import torch
     import fastmeta
     from fastmeta import backends
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # (torch caps it at the cores)
     torch.manual_seed(1234)
     out = []
     for dtype in (torch.float32, torch.float64):
@@ -344,12 +378,15 @@ def _run_script(**env):
     return result.stdout.split()
 
 
-def test_bitwise_identical_with_one_and_two_threads():
+def test_bitwise_identical_with_one_two_and_three_threads():
+    """Three threads on this 2-core machine: more threads than cores, so tasks are taken
+    from other threads' shares; the sums still follow the same fixed tree."""
     one = _run_script(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     two = _run_script(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    three = _run_script(OMP_NUM_THREADS="3")
     if backends.info().get("openmp"):
-        assert (one[0], two[0]) == ("1", "2")  # the setting reached the engine
-    assert one[2] == two[2]
+        assert (one[0], two[0], three[0]) == ("1", "2", "3")  # the setting reached the engine
+    assert one[2] == two[2] == three[2]
 
 
 _ISA_SCRIPT = textwrap.dedent("""

@@ -15,17 +15,22 @@ from conftest import assert_unchanged, classification_batch, regression_batch, s
 
 @pytest.fixture
 def nothing_runs(monkeypatch):
-    """Fails the test if any model forward pass starts: on the reference engine (batched or
-    per task) or on the compiled engine."""
+    """Fails the test if any model forward pass starts on the reference engine (batched or
+    per task), or if the compiled engine is called and returns instead of raising: it scans
+    its inputs for NaN before it computes anything (tests/test_engine_mlp.py checks that it
+    then writes nothing), and only that may reach it."""
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran although the input should have been rejected")
 
     monkeypatch.setattr(TaskBatchedModel, "__call__", refuse)
-    try:
-        from fastmeta.engine_cpu import CompiledMLP
-    except ImportError:  # no compiled engine in this version
-        return
-    monkeypatch.setattr(CompiledMLP, "run", refuse)
+    from fastmeta.engine_cpu import CompiledMLP
+    real_run = CompiledMLP.run
+
+    def must_raise(*args, **kwargs):
+        real_run(*args, **kwargs)
+        refuse()
+
+    monkeypatch.setattr(CompiledMLP, "run", must_raise)
 
 
 def _classifier(dtype=torch.float64):

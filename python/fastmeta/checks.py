@@ -29,7 +29,8 @@ def reference_parameter(model: nn.Module, params: Sequence[Tensor] | None = None
     return first
 
 
-def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None) -> None:
+def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None,
+                 scan_values: bool = True) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -44,7 +45,8 @@ def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None) -> N
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)} (need at least one task and one sample)")
     if num_tasks is not None and x.shape[0] != num_tasks:
         raise ValueError(f"{name} has {x.shape[0]} tasks but the support set has {num_tasks}")
-    check_no_nan(name, x)
+    if scan_values:
+        check_no_nan(name, x)
 
 
 def check_no_nan(name: str, x: Tensor) -> None:
@@ -61,7 +63,8 @@ def check_no_nan(name: str, x: Tensor) -> None:
     raise FloatingPointError(f"{name} contains NaN or infinity (task {task})")
 
 
-def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int | None) -> None:
+def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int | None,
+                  scan_values: bool = True) -> None:
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.device != x.device:
@@ -83,23 +86,37 @@ def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int |
             raise TypeError(f"{name} must be a floating-point tensor for mse, got {y.dtype}")
         if y.dtype != x.dtype:
             raise TypeError(f"{name} is {y.dtype} but the inputs are {x.dtype}")
-        check_no_nan(name, y)
+        if scan_values:
+            check_no_nan(name, y)
 
 
 def check_task_batch(model_param: Tensor, loss: str, num_classes: int | None,
                      support_x: Tensor, support_y: Tensor,
-                     query_x: Tensor | None = None, query_y: Tensor | None = None) -> None:
-    """Validates a meta-batch: shapes, dtypes, devices, label ranges and NaN."""
-    check_inputs("support_x", support_x, model_param, None)
-    check_targets("support_y", support_y, support_x, loss, num_classes)
+                     query_x: Tensor | None = None, query_y: Tensor | None = None,
+                     scan_values: bool = True) -> None:
+    """Validates a meta-batch: shapes, dtypes, devices, label ranges and (``scan_values``)
+    NaN. The compiled engine scans the values itself, in the same pass that reads them,
+    and its caller runs :func:`check_batch_values` only when that scan fails."""
+    check_inputs("support_x", support_x, model_param, None, scan_values)
+    check_targets("support_y", support_y, support_x, loss, num_classes, scan_values)
     if query_x is not None:
-        check_inputs("query_x", query_x, model_param, support_x.shape[0])
+        check_inputs("query_x", query_x, model_param, support_x.shape[0], scan_values)
         if tuple(query_x.shape[2:]) != tuple(support_x.shape[2:]):
             raise ValueError(f"query_x samples have shape {tuple(query_x.shape[2:])} but support_x "
                              f"samples have {tuple(support_x.shape[2:])}")
         if query_y is None:
             raise ValueError("query_y is required with query_x")
-        check_targets("query_y", query_y, query_x, loss, num_classes)
+        check_targets("query_y", query_y, query_x, loss, num_classes, scan_values)
+
+
+def check_batch_values(loss: str, support_x: Tensor, support_y: Tensor,
+                       query_x: Tensor | None = None, query_y: Tensor | None = None) -> None:
+    """The NaN/infinity part of :func:`check_task_batch`, in the same order."""
+    for name, x, y in (("support", support_x, support_y), ("query", query_x, query_y)):
+        if x is not None:
+            check_no_nan(f"{name}_x", x)
+            if loss != "cross_entropy":
+                check_no_nan(f"{name}_y", y)
 
 
 def output_classes(model: nn.Module) -> int | None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
+from fastmeta.checks import check_batch_values
 from fastmeta.functional import flatten_sequential
 from fastmeta.losses import check_finite
 from fastmeta.precomputed import with_gradient
@@ -179,6 +180,8 @@ class CompiledMLP:
             *self._inputs(support_x, support_y),
             *(self._inputs(query_x, query_y) if query else (None, None)), need_grad,
             support_losses, query_losses, accuracies, grads, lr_grads, adapted)
+        if not finite:  # a non-finite input stops the engine before it computes anything
+            check_batch_values(self.loss, support_x, support_y, query_x, query_y)
         return EngineResult(_tensor(query_losses), _tensor(accuracies),
                             torch.from_numpy(support_losses), _tensors(grads),
                             _tensors(lr_grads), _tensor(adapted), finite)

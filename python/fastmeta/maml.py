@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.checks import check_task_batch, output_classes, reference_parameter
+from fastmeta.checks import (check_batch_values, check_task_batch, output_classes,
+                             reference_parameter)
 from fastmeta.engine_cpu import CompiledMLP, meta_loss
 from fastmeta.functional import TaskBatchedModel, flatten_sequential
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
@@ -72,17 +73,23 @@ class MAML(nn.Module):
         return None if support_x is None else compiled.input_reason(support_x)
 
     # The algorithm ---------------------------------------------------------------------------
-    def _validate(self, support_x, support_y, query_x=None, query_y=None, params=None) -> str:
-        """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch").
-        ``params``: ``list(self.model.parameters())`` when the caller already has it."""
+    def _validate(self, support_x, support_y, query_x=None, query_y=None, params=None,
+                  reference_only: bool = False) -> str:
+        """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch"):
+        "torch" when ``reference_only``. ``params``: ``list(self.model.parameters())`` when
+        the caller already has it."""
         like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
-                         query_x, query_y)
-        return backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
+                         query_x, query_y, scan_values=False)
+        engine = "torch" if reference_only else backends.resolve(
+            self.backend, like.device, self._compiled_reason(support_x))
+        if engine == "torch":  # the compiled engine scans the values as it reads them
+            check_batch_values(self.loss, support_x, support_y, query_x, query_y)
+        return engine
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """The per-task adapted models; ``adapted(query_x)`` gives ``[T, Q, out]``."""
-        self._validate(support_x, support_y)
+        self._validate(support_x, support_y, reference_only=True)
         return self._adapt(support_x, support_y, self.inner_steps if steps is None else steps)
 
     def _adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> AdaptedModel:
