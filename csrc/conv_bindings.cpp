@@ -1,0 +1,176 @@
+// Python bindings of the conv engine: fastmeta._core.ConvEngine.
+//
+// The Python layer (fastmeta/engine_conv.py) validates everything first; the checks here
+// (shapes, element types, layout, label range) are the last guard before raw pointers
+// reach the engine. The GIL is released while the engine runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "buffer.h"
+#include "conv_engine.h"
+#include "task_buffers.h"
+
+namespace py = pybind11;
+
+namespace fastmeta {
+namespace {
+
+std::unique_ptr<ConvEngine> make_engine(int64_t in_channels, int64_t height, int64_t width,
+                                        std::vector<int64_t> channels,
+                                        std::vector<bool> conv_bias, std::vector<double> eps,
+                                        int64_t outputs, bool head_bias, const std::string& loss) {
+  ConvSpec spec;
+  spec.in_channels = in_channels;
+  spec.height = height;
+  spec.width = width;
+  spec.channels = std::move(channels);
+  spec.conv_bias = std::move(conv_bias);
+  spec.eps = std::move(eps);
+  spec.outputs = outputs;
+  spec.head_bias = head_bias;
+  if (loss == "mse") spec.loss = Loss::mse;
+  else if (loss == "cross_entropy") spec.loss = Loss::cross_entropy;
+  else throw py::value_error("ConvEngine: unknown loss '" + loss + "' (mse or cross_entropy)");
+  try {
+    return std::make_unique<ConvEngine>(std::move(spec));
+  } catch (const std::invalid_argument& error) {
+    throw py::value_error(error.what());
+  }
+}
+
+// One pointer per parameter tensor (torch order), each checked against the spec's sizes.
+template <typename Scalar>
+std::vector<Scalar*> tensor_pointers(const ConvSpec& spec, const py::list& tensors,
+                                     const char* what, bool writable) {
+  const std::vector<int64_t> sizes = spec.tensor_sizes();
+  if (tensors.size() != sizes.size())
+    throw py::value_error(std::string(what) + ": expected " + std::to_string(sizes.size()) +
+                          " tensors, got " + std::to_string(tensors.size()));
+  std::vector<Scalar*> pointers;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const std::string name = std::string(what) + "[" + std::to_string(i) + "]";
+    pointers.push_back(
+        view_flat<Scalar>(tensors[i].cast<py::buffer>(), name.c_str(), sizes[i], writable).data);
+  }
+  return pointers;
+}
+
+// Images [T, N, C, H, W], each task C-contiguous; returns the view, checked against the spec.
+template <typename Scalar>
+TaskBuffer<Scalar> images(const ConvSpec& spec, const py::buffer& x, const char* name,
+                          int64_t tasks) {
+  TaskBuffer<Scalar> view = view_tasks<Scalar>(x, name, 5);
+  if ((tasks >= 0 && view.shape[0] != tasks) || view.shape[0] < 1 || view.shape[1] < 1 ||
+      view.shape[2] != spec.in_channels || view.shape[3] != spec.height ||
+      view.shape[4] != spec.width)
+    throw py::value_error(std::string(name) + ": expected shape [" +
+                          (tasks >= 0 ? std::to_string(tasks) : std::string("T >= 1")) +
+                          ", N >= 1, " + std::to_string(spec.in_channels) + ", " +
+                          std::to_string(spec.height) + ", " + std::to_string(spec.width) +
+                          "], got " + detail::shape_string(view.shape));
+  return view;
+}
+
+template <typename Scalar>
+bool meta_step_typed(ConvEngine& engine, const py::list& params, double lr,
+                     const std::string& algorithm, int64_t inner_steps,
+                     const py::buffer& support_x, const py::buffer& support_y,
+                     const py::buffer& query_x, const py::buffer& query_y, bool need_grad,
+                     const py::buffer& support_loss, const py::buffer& query_loss,
+                     const py::object& query_accuracy, const py::object& grad,
+                     const py::object& adapted) {
+  const ConvSpec& spec = engine.spec();
+  MetaStepArgs<Scalar> args;
+  if (algorithm == "second_order") args.algorithm = Algorithm::second_order;
+  else if (algorithm == "first_order") args.algorithm = Algorithm::first_order;
+  else throw py::value_error("ConvEngine.meta_step: unknown algorithm '" + algorithm +
+                             "' (second_order or first_order)");
+  if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
+  args.inner_steps = inner_steps;
+  args.need_grad = need_grad;
+  args.lr = static_cast<Scalar>(lr);
+  args.params = [&] {
+    std::vector<Scalar*> p = tensor_pointers<Scalar>(spec, params, "params", false);
+    return std::vector<const Scalar*>(p.begin(), p.end());
+  }();
+
+  TaskBuffer<Scalar> sx = images<Scalar>(spec, support_x, "support_x", -1);
+  args.tasks = sx.shape[0];
+  args.support = sx.shape[1];
+  args.support_x = sx.data;
+  args.support_x_stride = sx.task_stride;
+  args.support_y = target_pointer<Scalar>(spec.loss, spec.outputs, support_y, "support_y",
+                                          args.tasks, args.support, args.support_y_stride);
+  args.support_loss =
+      view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true).data;
+
+  TaskBuffer<Scalar> qx = images<Scalar>(spec, query_x, "query_x", args.tasks);
+  args.query = qx.shape[1];
+  args.query_x = qx.data;
+  args.query_x_stride = qx.task_stride;
+  args.query_y = target_pointer<Scalar>(spec.loss, spec.outputs, query_y, "query_y", args.tasks,
+                                        args.query, args.query_y_stride);
+  args.query_loss = view_shaped<Scalar>(query_loss, "query_loss", {args.tasks}, true).data;
+  if (spec.loss == Loss::cross_entropy)
+    args.query_accuracy = optional_output<Scalar>(query_accuracy, "query_accuracy", {args.tasks});
+
+  if (need_grad && grad.is_none())
+    throw py::value_error("meta_step: grad is required when need_grad");
+  if (!grad.is_none())
+    args.grads = tensor_pointers<Scalar>(spec, grad.cast<py::list>(), "grad", true);
+  args.need_grad = need_grad && !args.grads.empty();
+  args.adapted = optional_output<Scalar>(adapted, "adapted", {args.tasks, spec.num_params()});
+
+  {
+    py::gil_scoped_release release;
+    engine.meta_step(args);
+  }
+  return args.all_finite;
+}
+
+bool meta_step(ConvEngine& engine, const py::list& params, double lr,
+               const std::string& algorithm, int64_t inner_steps, const py::buffer& support_x,
+               const py::buffer& support_y, const py::buffer& query_x, const py::buffer& query_y,
+               bool need_grad, const py::buffer& support_loss, const py::buffer& query_loss,
+               const py::object& query_accuracy, const py::object& grad,
+               const py::object& adapted) {
+  const std::string format = support_x.request().format;
+  if (format == py::format_descriptor<float>::format())
+    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x,
+                                  support_y, query_x, query_y, need_grad, support_loss,
+                                  query_loss, query_accuracy, grad, adapted);
+  if (format == py::format_descriptor<double>::format())
+    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x,
+                                   support_y, query_x, query_y, need_grad, support_loss,
+                                   query_loss, query_accuracy, grad, adapted);
+  throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
+}
+
+}  // namespace
+
+void bind_conv_engine(py::module_& m) {
+  py::class_<ConvEngine>(m, "ConvEngine",
+                         "Batched per-task meta-steps (second- and first-order MAML) for conv "
+                         "blocks (conv3x3, BatchNorm2d with batch statistics, ReLU, maxpool 2x2) "
+                         "and a Linear head, over plain buffers")
+      .def(py::init(&make_engine), py::arg("in_channels"), py::arg("height"), py::arg("width"),
+           py::arg("channels"), py::arg("conv_bias"), py::arg("eps"), py::arg("outputs"),
+           py::arg("head_bias"), py::arg("loss"),
+           "channels, conv_bias, eps: one entry per block; loss: mse or cross_entropy")
+      .def("meta_step", &meta_step, py::arg("params"), py::arg("lr"), py::arg("algorithm"),
+           py::arg("inner_steps"), py::arg("support_x"), py::arg("support_y"),
+           py::arg("query_x"), py::arg("query_y"), py::arg("need_grad"),
+           py::arg("support_loss"), py::arg("query_loss"), py::arg("query_accuracy"),
+           py::arg("grad"), py::arg("adapted"),
+           "Runs one meta-step for every task (images [T, N, C, H, W]) and writes the given "
+           "output buffers (grad: one buffer per parameter tensor, torch order; adapted: "
+           "[T, P]). Returns whether every support and query loss is finite.")
+      .def_property_readonly("num_params", [](const ConvEngine& e) { return e.spec().num_params(); })
+      .def_property_readonly("workspace_bytes", &ConvEngine::workspace_bytes);
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,222 @@
+// The four passes of one task's conv network over a set of samples (its support or its
+// query set): forward, backward, and their directional derivatives along a parameter
+// direction u (Pearlmutter's R-operator, forward-over-reverse; see design/ENGINE.md).
+//
+// A convolution is a Linear layer on im2col rows (conv_layout.h), so it takes the MLP's
+// formulas with x = col(input):
+//   forward     z = col W^T + b
+//   backward    grad W = dz^T col,  grad b = sum_rows dz,  d col = dz W -> col2im -> dx
+//   R-forward   R{z} = col(R{x}) W^T + col U^T + u_b
+//   R-backward  (H u)_W = R{dz}^T col + dz^T col(R{x}),  R{d col} = R{dz} W + dz U
+// The head is the same with x = the flattened last map. R{x} of the images is zero.
+// im2col rows are rebuilt whenever a product needs them (they are the largest buffers).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv_layers.h"
+#include "mlp_passes.h"  // sum_rows
+#include "small_gemm.h"
+
+namespace fastmeta {
+namespace FASTMETA_ISA {
+
+// One block's activations for `samples` samples (M = samples * h * w rows of ch values).
+template <typename Scalar>
+struct BlockBuffers {
+  const Scalar* x = nullptr;  // input [samples, h, w, in_ch]: the images or the last pooled map
+  Scalar* xhat = nullptr;     // [M, ch]: normalised convolution output
+  Scalar* y = nullptr;        // [M, ch]: batch-norm output (before the ReLU)
+  Scalar* s = nullptr;        // [ch]: batch-norm scale sqrt(var + eps)
+  uint8_t* arg = nullptr;     // [samples, ph, pw, ch]: pooling arg-max
+  Scalar* pooled = nullptr;   // [samples, ph, pw, ch]: the next block's input
+  Scalar* dpooled = nullptr;  // dL/d pooled
+  Scalar* dy = nullptr;       // dL/dy [M, ch]
+  Scalar* dz = nullptr;       // dL/dz [M, ch] (aliases dy when no R-pass needs dy later)
+  // R{.} of the above (second order only); R{x} of block b > 0 is the rpooled of b - 1.
+  Scalar *rxhat = nullptr, *rs = nullptr, *ry = nullptr, *rpooled = nullptr;
+  Scalar *rdpooled = nullptr, *rdy = nullptr, *rdz = nullptr;
+  const Scalar* rx = nullptr;
+};
+
+// Everything one pass keeps for one set of samples, and the scratch its products use.
+template <typename Scalar>
+struct ConvPassBuffers {
+  int64_t samples = 0;
+  Scalar* images = nullptr;  // [samples, H, W, C]: the task's images, channels last
+  std::vector<BlockBuffers<Scalar>> blocks;
+  Scalar *feat = nullptr, *out = nullptr, *dout = nullptr, *dfeat = nullptr;  // head [N, *]
+  Scalar *rfeat = nullptr, *rout = nullptr, *rdout = nullptr, *rdfeat = nullptr;
+};
+
+// im2col rows, shared by every pass of one thread (one task at a time).
+template <typename Scalar>
+struct ConvScratch {
+  Scalar* col = nullptr;   // col(x)
+  Scalar* rcol = nullptr;  // col(R{x})
+  Scalar* dcol = nullptr;  // d col, R{d col}
+};
+
+// The task's images, NCHW as torch gives them, into channels-last rows.
+template <typename Scalar>
+void load_images(const ConvLayout<Scalar>& layout, const Scalar* x, ConvPassBuffers<Scalar>& buf) {
+  const ConvBlockLayout& first = layout.blocks[0];
+  const int64_t hw = first.h * first.w, c = first.in_ch;
+  for (int64_t n = 0; n < buf.samples; ++n)
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const Scalar* src = x + (n * c + ci) * hw;
+      Scalar* dst = buf.images + n * hw * c + ci;
+      for (int64_t p = 0; p < hw; ++p) dst[p * c] = src[p];
+    }
+}
+
+namespace detail {
+
+// Rows [samples, in] of a map into rows of stride in_pad (zero-padded), and back.
+template <typename Scalar>
+void to_features(const HeadLayout& head, int64_t samples, const Scalar* map, Scalar* feat) {
+  for (int64_t n = 0; n < samples; ++n) {
+    std::memcpy(feat + n * head.in_pad, map + n * head.in, sizeof(Scalar) * head.in);
+    std::memset(feat + n * head.in_pad + head.in, 0, sizeof(Scalar) * (head.in_pad - head.in));
+  }
+}
+
+template <typename Scalar>
+void from_features(const HeadLayout& head, int64_t samples, const Scalar* feat, Scalar* map) {
+  for (int64_t n = 0; n < samples; ++n)
+    std::memcpy(map + n * head.in, feat + n * head.in_pad, sizeof(Scalar) * head.in);
+}
+
+}  // namespace detail
+
+// Activations of every block and the head's output, at parameters p.
+template <typename Scalar>
+void conv_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                  const ConvScratch<Scalar>& scratch) {
+  const int64_t n = buf.samples;
+  for (int64_t i = 0; i < layout.num_blocks(); ++i) {
+    const ConvBlockLayout& b = layout.blocks[i];
+    BlockBuffers<Scalar>& bb = buf.blocks[i];
+    const int64_t rows = n * b.h * b.w;
+    im2col(b, n, bb.x, scratch.col);
+    const DotOperand<Scalar> op{scratch.col, b.k_pad, p + b.weight, b.k_pad};
+    gemm_dot<Scalar>(rows, b.ch, b.k, b.k_pad, &op, 1, b.bias >= 0 ? p + b.bias : nullptr, bb.xhat, b.ch);
+    bn_forward(rows, b.ch, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.xhat, bb.s, bb.y);
+    relu_pool_forward(b, n, bb.y, bb.arg, bb.pooled);
+  }
+  const HeadLayout& h = layout.head;
+  detail::to_features(h, n, buf.blocks.back().pooled, buf.feat);
+  const DotOperand<Scalar> op{buf.feat, h.in_pad, p + h.weight, h.in_pad};
+  gemm_dot<Scalar>(n, h.out, h.in, h.in_pad, &op, 1, h.bias >= 0 ? p + h.bias : nullptr, buf.out, h.out);
+}
+
+// Back-propagates dout: every block's dy and dz, and the parameter gradient into `grad`
+// (a padded vector; skipped when null: the reverse sweep needs only the deltas).
+template <typename Scalar>
+void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                   const ConvScratch<Scalar>& scratch, Scalar* grad) {
+  const int64_t n = buf.samples;
+  const HeadLayout& h = layout.head;
+  if (grad) {
+    const AxpyOperand<Scalar> op{buf.dout, 1, h.out, buf.feat, h.in_pad};
+    gemm_axpy<Scalar>(h.out, h.in_pad, n, &op, 1, Scalar(1), nullptr, 0, grad + h.weight, h.in_pad);
+    if (h.bias >= 0) sum_rows<Scalar>(n, h.out, buf.dout, h.out, Scalar(1), nullptr, grad + h.bias);
+  }
+  {
+    const AxpyOperand<Scalar> op{buf.dout, h.out, 1, p + h.weight, h.in_pad};
+    gemm_axpy<Scalar>(n, h.in_pad, h.out, &op, 1, Scalar(1), nullptr, 0, buf.dfeat, h.in_pad);
+    detail::from_features(h, n, buf.dfeat, buf.blocks.back().dpooled);
+  }
+  for (int64_t i = layout.num_blocks() - 1; i >= 0; --i) {
+    const ConvBlockLayout& b = layout.blocks[i];
+    BlockBuffers<Scalar>& bb = buf.blocks[i];
+    const int64_t rows = n * b.h * b.w;
+    relu_pool_backward(b, n, bb.y, bb.arg, bb.dpooled, bb.dy);
+    bn_backward(rows, b.ch, bb.dy, bb.xhat, bb.s, p + b.gamma, bb.dz,
+                grad ? grad + b.gamma : nullptr, grad ? grad + b.beta : nullptr);
+    if (grad) {  // grad W = dz^T col: dz read transposed, in place
+      im2col(b, n, bb.x, scratch.col);
+      const AxpyOperand<Scalar> op{bb.dz, 1, b.ch, scratch.col, b.k_pad};
+      gemm_axpy<Scalar>(b.ch, b.k_pad, rows, &op, 1, Scalar(1), nullptr, 0, grad + b.weight, b.k_pad);
+      if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.dz, b.ch, Scalar(1), nullptr, grad + b.bias);
+    }
+    if (i > 0) {  // dx = col2im(dz W)
+      const AxpyOperand<Scalar> op{bb.dz, b.ch, 1, p + b.weight, b.k_pad};
+      gemm_axpy<Scalar>(rows, b.k_pad, b.ch, &op, 1, Scalar(1), nullptr, 0, scratch.dcol, b.k_pad);
+      col2im(b, n, scratch.dcol, buf.blocks[i - 1].dpooled);
+    }
+  }
+}
+
+// R{.} of every activation along u, from R{images} = 0.
+template <typename Scalar>
+void conv_r_forward(const ConvLayout<Scalar>& layout, const Scalar* p, const Scalar* u,
+                    ConvPassBuffers<Scalar>& buf, const ConvScratch<Scalar>& scratch) {
+  const int64_t n = buf.samples;
+  for (int64_t i = 0; i < layout.num_blocks(); ++i) {
+    const ConvBlockLayout& b = layout.blocks[i];
+    BlockBuffers<Scalar>& bb = buf.blocks[i];
+    const int64_t rows = n * b.h * b.w;
+    im2col(b, n, bb.x, scratch.col);
+    if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
+    const DotOperand<Scalar> ops[2] = {{scratch.col, b.k_pad, u + b.weight, b.k_pad},
+                                       {scratch.rcol, b.k_pad, p + b.weight, b.k_pad}};
+    gemm_dot<Scalar>(rows, b.ch, b.k, b.k_pad, ops, i > 0 ? 2 : 1, b.bias >= 0 ? u + b.bias : nullptr,
+             bb.rxhat, b.ch);  // R{z}, normalised in place next
+    bn_r_forward(rows, b.ch, bb.xhat, bb.s, p + b.gamma, u + b.gamma, u + b.beta, bb.rxhat, bb.rs,
+                 bb.ry);
+    relu_pool_r_forward(b, n, bb.y, bb.arg, bb.ry, bb.rpooled);
+  }
+  const HeadLayout& h = layout.head;
+  detail::to_features(h, n, buf.blocks.back().rpooled, buf.rfeat);
+  const DotOperand<Scalar> ops[2] = {{buf.feat, h.in_pad, u + h.weight, h.in_pad},
+                                     {buf.rfeat, h.in_pad, p + h.weight, h.in_pad}};
+  gemm_dot<Scalar>(n, h.out, h.in, h.in_pad, ops, 2, h.bias >= 0 ? u + h.bias : nullptr, buf.rout, h.out);
+}
+
+// R-backward from rdout (after conv_backward and conv_r_forward at the same p and u):
+// writes H u into `hu` (a padded vector, every entry a parameter has).
+template <typename Scalar>
+void conv_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Scalar* u,
+                     ConvPassBuffers<Scalar>& buf, const ConvScratch<Scalar>& scratch,
+                     Scalar* hu) {
+  const int64_t n = buf.samples;
+  const HeadLayout& h = layout.head;
+  {
+    const AxpyOperand<Scalar> ops[2] = {{buf.rdout, 1, h.out, buf.feat, h.in_pad},
+                                        {buf.dout, 1, h.out, buf.rfeat, h.in_pad}};
+    gemm_axpy<Scalar>(h.out, h.in_pad, n, ops, 2, Scalar(1), nullptr, 0, hu + h.weight, h.in_pad);
+    if (h.bias >= 0) sum_rows<Scalar>(n, h.out, buf.rdout, h.out, Scalar(1), nullptr, hu + h.bias);
+  }
+  {
+    const AxpyOperand<Scalar> ops[2] = {{buf.rdout, h.out, 1, p + h.weight, h.in_pad},
+                                        {buf.dout, h.out, 1, u + h.weight, h.in_pad}};
+    gemm_axpy<Scalar>(n, h.in_pad, h.out, ops, 2, Scalar(1), nullptr, 0, buf.rdfeat, h.in_pad);
+    detail::from_features(h, n, buf.rdfeat, buf.blocks.back().rdpooled);
+  }
+  for (int64_t i = layout.num_blocks() - 1; i >= 0; --i) {
+    const ConvBlockLayout& b = layout.blocks[i];
+    BlockBuffers<Scalar>& bb = buf.blocks[i];
+    const int64_t rows = n * b.h * b.w;
+    relu_pool_backward(b, n, bb.y, bb.arg, bb.rdpooled, bb.rdy);
+    bn_r_backward(rows, b.ch, bb.dy, bb.rdy, bb.xhat, bb.rxhat, bb.s, bb.rs, p + b.gamma,
+                  u + b.gamma, bb.rdz, hu + b.gamma, hu + b.beta);
+    im2col(b, n, bb.x, scratch.col);
+    if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
+    const AxpyOperand<Scalar> ops[2] = {{bb.rdz, 1, b.ch, scratch.col, b.k_pad},
+                                        {bb.dz, 1, b.ch, scratch.rcol, b.k_pad}};
+    gemm_axpy<Scalar>(b.ch, b.k_pad, rows, ops, i > 0 ? 2 : 1, Scalar(1), nullptr, 0, hu + b.weight,
+              b.k_pad);
+    if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.rdz, b.ch, Scalar(1), nullptr, hu + b.bias);
+    if (i > 0) {  // R{dx} = col2im(R{dz} W + dz U)
+      const AxpyOperand<Scalar> dops[2] = {{bb.rdz, b.ch, 1, p + b.weight, b.k_pad},
+                                           {bb.dz, b.ch, 1, u + b.weight, b.k_pad}};
+      gemm_axpy<Scalar>(rows, b.k_pad, b.ch, dops, 2, Scalar(1), nullptr, 0, scratch.dcol, b.k_pad);
+      col2im(b, n, scratch.dcol, buf.blocks[i - 1].rdpooled);
+    }
+  }
+}
+
+}  // namespace FASTMETA_ISA
+}  // namespace fastmeta
