@@ -164,6 +164,9 @@ class CompiledConv4:
             reason = self.input_reason(x)
             if reason:
                 raise ValueError(f"the conv engine cannot run this batch: {reason}")
+        if query_x.shape[2:] != support_x.shape[2:]:
+            raise ValueError(f"support images {tuple(support_x.shape[2:])} and query images "
+                             f"{tuple(query_x.shape[2:])} differ in shape")
         dtype = _NUMPY[support_x.dtype]
         num_tasks = support_x.shape[0]
         support_losses = np.empty((num_tasks, steps), dtype)
