@@ -58,6 +58,39 @@ struct ConvScratch {
   Scalar* dcol = nullptr;  // d col, R{d col}
 };
 
+// The convolutions' products are large (tens of thousands of im2col rows): the kernels of
+// small_gemm.h stream one operand past every output tile, so they get it in pieces small
+// enough to stay in cache. (Splitting the depth changes the order of the sums, not their
+// determinism.)
+constexpr int64_t kRowBlock = 64, kDepthBlock = 128;
+
+// gemm_dot over blocks of rows of C (the operands' A rows shift with them).
+template <typename Scalar>
+void dot_blocked(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
+                 const DotOperand<Scalar>* ops, int num_ops, const Scalar* bias, Scalar* c,
+                 int64_t ldc) {
+  DotOperand<Scalar> part[2];
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    for (int p = 0; p < num_ops; ++p) part[p] = {ops[p].a + r0 * ops[p].lda, ops[p].lda, ops[p].b, ops[p].ldb};
+    gemm_dot<Scalar>(std::min(kRowBlock, rows - r0), cols, depth, depth_padded, part, num_ops, bias,
+                     c + r0 * ldc, ldc);
+  }
+}
+
+// C = sum over the depth of gemm_axpy's products, in blocks of the depth accumulated into C.
+template <typename Scalar>
+void axpy_depth_blocked(int64_t rows, int64_t cols_padded, int64_t depth,
+                        const AxpyOperand<Scalar>* ops, int num_ops, Scalar* c, int64_t ldc) {
+  AxpyOperand<Scalar> part[2];
+  for (int64_t d0 = 0; d0 < depth; d0 += kDepthBlock) {
+    for (int p = 0; p < num_ops; ++p)
+      part[p] = {ops[p].a + d0 * ops[p].a_depth, ops[p].a_row, ops[p].a_depth,
+                 ops[p].b + d0 * ops[p].ldb, ops[p].ldb};
+    gemm_axpy<Scalar>(rows, cols_padded, std::min(kDepthBlock, depth - d0), part, num_ops,
+                      Scalar(1), d0 == 0 ? nullptr : c, ldc, c, ldc);
+  }
+}
+
 // The task's images, NCHW as torch gives them, into channels-last rows.
 template <typename Scalar>
 void load_images(const ConvLayout<Scalar>& layout, const Scalar* x, ConvPassBuffers<Scalar>& buf) {
@@ -101,7 +134,8 @@ void conv_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     const int64_t rows = n * b.h * b.w;
     im2col(b, n, bb.x, scratch.col);
     const DotOperand<Scalar> op{scratch.col, b.k_pad, p + b.weight, b.k_pad};
-    gemm_dot<Scalar>(rows, b.ch, b.k, b.k_pad, &op, 1, b.bias >= 0 ? p + b.bias : nullptr, bb.xhat, b.ch);
+    dot_blocked<Scalar>(rows, b.ch, b.k, b.k_pad, &op, 1, b.bias >= 0 ? p + b.bias : nullptr, bb.xhat,
+                        b.ch);
     bn_forward(rows, b.ch, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.xhat, bb.s, bb.y);
     relu_pool_forward(b, n, bb.y, bb.arg, bb.pooled);
   }
@@ -138,7 +172,7 @@ void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     if (grad) {  // grad W = dz^T col: dz read transposed, in place
       im2col(b, n, bb.x, scratch.col);
       const AxpyOperand<Scalar> op{bb.dz, 1, b.ch, scratch.col, b.k_pad};
-      gemm_axpy<Scalar>(b.ch, b.k_pad, rows, &op, 1, Scalar(1), nullptr, 0, grad + b.weight, b.k_pad);
+      axpy_depth_blocked<Scalar>(b.ch, b.k_pad, rows, &op, 1, grad + b.weight, b.k_pad);
       if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.dz, b.ch, Scalar(1), nullptr, grad + b.bias);
     }
     if (i > 0) {  // dx = col2im(dz W)
@@ -162,8 +196,8 @@ void conv_r_forward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sca
     if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
     const DotOperand<Scalar> ops[2] = {{scratch.col, b.k_pad, u + b.weight, b.k_pad},
                                        {scratch.rcol, b.k_pad, p + b.weight, b.k_pad}};
-    gemm_dot<Scalar>(rows, b.ch, b.k, b.k_pad, ops, i > 0 ? 2 : 1, b.bias >= 0 ? u + b.bias : nullptr,
-             bb.rxhat, b.ch);  // R{z}, normalised in place next
+    dot_blocked<Scalar>(rows, b.ch, b.k, b.k_pad, ops, i > 0 ? 2 : 1,
+                        b.bias >= 0 ? u + b.bias : nullptr, bb.rxhat, b.ch);  // R{z}, normalised next
     bn_r_forward(rows, b.ch, bb.xhat, bb.s, p + b.gamma, u + b.gamma, u + b.beta, bb.rxhat, bb.rs,
                  bb.ry);
     relu_pool_r_forward(b, n, bb.y, bb.arg, bb.ry, bb.rpooled);
@@ -206,8 +240,7 @@ void conv_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sc
     if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
     const AxpyOperand<Scalar> ops[2] = {{bb.rdz, 1, b.ch, scratch.col, b.k_pad},
                                         {bb.dz, 1, b.ch, scratch.rcol, b.k_pad}};
-    gemm_axpy<Scalar>(b.ch, b.k_pad, rows, ops, i > 0 ? 2 : 1, Scalar(1), nullptr, 0, hu + b.weight,
-              b.k_pad);
+    axpy_depth_blocked<Scalar>(b.ch, b.k_pad, rows, ops, i > 0 ? 2 : 1, hu + b.weight, b.k_pad);
     if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.rdz, b.ch, Scalar(1), nullptr, hu + b.bias);
     if (i > 0) {  // R{dx} = col2im(R{dz} W + dz U)
       const AxpyOperand<Scalar> dops[2] = {{bb.rdz, b.ch, 1, p + b.weight, b.k_pad},
