@@ -5,8 +5,9 @@ On fresh random inputs: conv4-shaped models with 1 and 3 input channels, 4 to 8 
 image sizes 28, 27, 17 and 9 (odd sizes drop a row and a column at every pooling), with
 and without convolution biases, 1 and 3 inner steps, second- and first-order MAML, both
 losses. Support and query losses, adapted weights and meta-gradients agree to a relative
-error (norm-wise) below 1e-10 in float64 and 1e-5 in float32, and the result is bitwise
-the same with one or two OpenMP threads.
+error (norm-wise) below 1e-10 in float64 and 1e-5 in float32 (each meta-gradient tensor
+on its own: 1e-4), the result is bitwise the same with one or two OpenMP threads, and every
+instruction-set build of the engine agrees with the widest one.
 """
 from __future__ import annotations
 
@@ -270,3 +271,40 @@ def test_bitwise_identical_with_one_and_two_threads():
     two = _run_script(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
     assert one[0] == "1" and two[0] == "2"
     assert one[1] == two[1]
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import sys, torch, fastmeta
+    from fastmeta.engine_conv import CompiledConv4
+    from fastmeta import backends
+    torch.manual_seed(0)
+    model = fastmeta.models.conv4(3, 4, 5, 19).double()
+    x = torch.randn(2, 7, 3, 19, 19, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 7))
+    result = CompiledConv4(model, "cross_entropy").run(
+        list(model.parameters()), 0.4, 2, "second_order", x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+    torch.save(torch.cat([g.reshape(-1) for g in result.grads]), sys.argv[1])
+    print(backends.info()["engine_isa"])
+""")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_instruction_set_build_agrees(isa, tmp_path):
+    """The engine is compiled once per instruction set (different vector widths, so
+    different padding): each build gives the widest one's meta-gradient in float64."""
+    results = {}
+    for name in ("widest", isa):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if name != "widest":
+            env["FASTMETA_ISA"] = isa
+        else:
+            env.pop("FASTMETA_ISA", None)
+        path = tmp_path / f"{name}.pt"
+        run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        results[name] = (run.stdout.strip(), torch.load(path))
+    if results["widest"][0] == results[isa][0]:
+        pytest.skip(f"this CPU's widest build is {isa}")
+    assert results[isa][0] == isa
+    assert rel_error(results[isa][1], results["widest"][1]) < 1e-12
