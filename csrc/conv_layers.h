@@ -20,6 +20,7 @@
 //
 // Every loop runs in a fixed order: the results do not depend on the thread count.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

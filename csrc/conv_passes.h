@@ -11,6 +11,7 @@
 // The head is the same with x = the flattened last map. R{x} of the images is zero.
 // im2col rows are rebuilt whenever a product needs them (they are the largest buffers).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
