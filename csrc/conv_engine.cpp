@@ -13,6 +13,7 @@
 #include "conv_engine_isa.h"
 #include "conv_passes.h"
 #include "mlp_loss.h"
+#include "reptile.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -27,10 +28,13 @@ template <typename Scalar>
 struct ConvThreadWorkspace {
   ConvPassBuffers<Scalar> support, query;
   ConvScratch<Scalar> scratch;
-  std::vector<Scalar*> phi;  // phi_1 .. phi_K (second order), or one slot updated in place
-  Scalar* grad = nullptr;    // the inner step's support gradient g_k
-  Scalar* u = nullptr;       // the sweep's direction v_{k+1}
-  Scalar* hu = nullptr;      // H_k u
+  std::vector<Scalar*> phi;    // phi_1 .. phi_K (second order), or one slot updated in place
+  std::vector<Scalar*> grads;  // Meta-SGD, second order: g_0 .. g_{K-1}
+  Scalar* grad = nullptr;      // the inner step's support gradient g_k (ANIL: also the
+                               // body's gradient through the support features)
+  Scalar* grad_sum = nullptr;  // Meta-SGD, first order: sum_k g_k
+  Scalar* u = nullptr;         // per-parameter rates: the sweep's direction alpha * v_{k+1}
+  Scalar* hu = nullptr;        // H_k u
 };
 
 template <typename Scalar>
@@ -38,9 +42,15 @@ class ConvMetaStep {
  public:
   ConvMetaStep(const ConvSpec& spec, MetaStepArgs<Scalar>& args, int max_threads)
       : spec_(spec), layout_(spec), args_(args) {
-    second_order_ = args.algorithm == Algorithm::second_order && args.need_grad;
+    reptile_ = args.algorithm == Algorithm::reptile;
+    need_grad_ = reptile_ || args.need_grad;
+    second_order_ = args.algorithm == Algorithm::second_order && need_grad_;
+    vector_lr_ = !args.lrs.empty();
+    meta_sgd_ = vector_lr_ && !reptile_ && need_grad_ && !args.lr_grads.empty();
+    anil_ = spec.head_only;
     history_ = second_order_ ? args.inner_steps : 1;
     num_threads_ = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, args.tasks)));
+    head_offset_ = anil_ ? layout_.head.weight : 0;
   }
 
   // Assigns every buffer a piece of the arena (base == nullptr: only measures).
@@ -48,25 +58,34 @@ class ConvMetaStep {
     Carver c(base);
     const int64_t pp = layout_.padded_size;
     theta_ = c.take<Scalar>(pp);
+    alpha_ = vector_lr_ ? c.take<Scalar>(pp) : nullptr;
     mean_ = c.take<Scalar>(pp);
-    rows_ = args_.need_grad ? c.take<Scalar>(args_.tasks * pp) : nullptr;
+    lr_mean_ = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
+    rows_ = need_grad_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
+    lr_rows_ = meta_sgd_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
     int64_t col = 0, rcol = 0;  // the largest im2col matrices any pass builds
+    const int64_t query = reptile_ ? 0 : args_.query;
     for (const ConvBlockLayout& b : layout_.blocks) {
       const int64_t pixels = b.h * b.w * b.k_pad;
-      col = std::max(col, std::max(args_.support, args_.query) * pixels);
+      col = std::max(col, std::max(args_.support, query) * pixels);
       rcol = std::max(rcol, args_.support * pixels);
     }
+    const bool body_r = second_order_ && !anil_;  // R{.} through the blocks
     threads_.assign(num_threads_, ConvThreadWorkspace<Scalar>());
     for (ConvThreadWorkspace<Scalar>& w : threads_) {
-      carve_pass(c, w.support, args_.support, second_order_);
-      carve_pass(c, w.query, args_.query, false);
+      carve_pass(c, w.support, args_.support, second_order_, body_r);
+      if (!reptile_) carve_pass(c, w.query, args_.query, false, false);
       w.scratch.col = c.take<Scalar>(col);
       w.scratch.dcol = c.take<Scalar>(col);
-      w.scratch.rcol = second_order_ ? c.take<Scalar>(rcol) : nullptr;
+      w.scratch.rcol = body_r ? c.take<Scalar>(rcol) : nullptr;
       w.phi.clear();
       for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(pp));
+      w.grads.clear();
+      if (meta_sgd_ && second_order_)
+        for (int64_t k = 0; k < history_; ++k) w.grads.push_back(c.take<Scalar>(pp));
       w.grad = c.take<Scalar>(pp);
-      w.u = second_order_ ? c.take<Scalar>(pp) : nullptr;
+      w.grad_sum = meta_sgd_ && !second_order_ ? c.take<Scalar>(pp) : nullptr;
+      w.u = second_order_ && vector_lr_ ? c.take<Scalar>(pp) : nullptr;
       w.hu = second_order_ ? c.take<Scalar>(pp) : nullptr;
     }
     return c.size();
@@ -76,7 +95,8 @@ class ConvMetaStep {
   std::string plan() const {
     std::string s = "conv," + std::to_string(sizeof(Scalar));
     for (int64_t v : {args_.tasks, args_.support, args_.query, args_.inner_steps,
-                      int64_t(num_threads_), int64_t(args_.algorithm), int64_t(args_.need_grad),
+                      int64_t(num_threads_), int64_t(args_.algorithm), int64_t(need_grad_),
+                      int64_t(vector_lr_), int64_t(meta_sgd_), int64_t(anil_),
                       spec_.height, spec_.width, spec_.in_channels, spec_.outputs})
       s += "," + std::to_string(v);
     for (int64_t ch : spec_.channels) s += ";" + std::to_string(ch);
@@ -85,7 +105,11 @@ class ConvMetaStep {
 
   void run() {
     layout_.pack(args_.params, theta_);
+    if (vector_lr_) layout_.pack(args_.lrs, alpha_);
     const int64_t pp = layout_.padded_size;
+    if (anil_)  // the body's entries of every fast-weight slot are theta's, never written after
+      for (ConvThreadWorkspace<Scalar>& w : threads_)
+        for (Scalar* slot : w.phi) std::memcpy(slot, theta_, sizeof(Scalar) * head_offset_);
 #pragma omp parallel num_threads(num_threads_)
     {
 #ifdef _OPENMP
@@ -94,16 +118,26 @@ class ConvMetaStep {
       ConvThreadWorkspace<Scalar>& w = threads_[0];
 #endif
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < args_.tasks; ++t) run_task(t, w, rows_ ? rows_ + t * pp : nullptr);
-      if (rows_) reduce_rows();
+      for (int64_t t = 0; t < args_.tasks; ++t)
+        run_task(t, w, rows_ ? rows_ + t * pp : nullptr, lr_rows_ ? lr_rows_ + t * pp : nullptr);
+      if (rows_ && !reptile_) reduce_rows(rows_, mean_);
+      if (lr_rows_) reduce_rows(lr_rows_, lr_mean_);
     }
     args_.all_finite = all_finite(args_.support_loss, args_.tasks * args_.inner_steps) &&
-                       all_finite(args_.query_loss, args_.tasks);
-    if (rows_) layout_.unpack(mean_, args_.grads);
+                       (reptile_ || all_finite(args_.query_loss, args_.tasks));
+    if (reptile_) {
+      reptile_direction<Scalar>(theta_, rows_, args_.tasks, pp, mean_);
+      layout_.unpack(mean_, args_.grads);
+    } else if (rows_) {
+      layout_.unpack(mean_, args_.grads);
+      if (lr_rows_) layout_.unpack(lr_mean_, args_.lr_grads);
+    }
   }
 
  private:
-  void carve_pass(Carver& c, ConvPassBuffers<Scalar>& buf, int64_t samples, bool with_r) {
+  // with_r: R{.} buffers of the head; body_r: also of every block.
+  void carve_pass(Carver& c, ConvPassBuffers<Scalar>& buf, int64_t samples, bool with_r,
+                  bool body_r) {
     buf.samples = samples;
     const ConvBlockLayout& first = layout_.blocks[0];
     buf.images = c.take<Scalar>(samples * first.h * first.w * first.in_ch);
@@ -120,8 +154,8 @@ class ConvMetaStep {
       bb.pooled = c.take<Scalar>(pooled);
       bb.dpooled = c.take<Scalar>(pooled);
       bb.dy = c.take<Scalar>(map);
-      bb.dz = with_r ? c.take<Scalar>(map) : bb.dy;  // the R-backward reads dy after dz
-      if (with_r) {
+      bb.dz = body_r ? c.take<Scalar>(map) : bb.dy;  // the R-backward reads dy after dz
+      if (body_r) {
         bb.rx = i == 0 ? nullptr : buf.blocks[i - 1].rpooled;
         bb.rxhat = c.take<Scalar>(map);
         bb.ry = c.take<Scalar>(map);
@@ -138,7 +172,7 @@ class ConvMetaStep {
     buf.out = c.take<Scalar>(samples * h.out);
     buf.dout = c.take<Scalar>(samples * h.out);
     if (with_r) {
-      buf.rfeat = c.take<Scalar>(samples * h.in_pad);
+      buf.rfeat = body_r ? c.take<Scalar>(samples * h.in_pad) : nullptr;
       buf.rdfeat = c.take<Scalar>(samples * h.in_pad);
       buf.rout = c.take<Scalar>(samples * h.out);
       buf.rdout = c.take<Scalar>(samples * h.out);
@@ -161,69 +195,146 @@ class ConvMetaStep {
                           delta ? buf.dout : nullptr, accuracy);
   }
 
-  // One task; its meta-gradient is written to `row` (null: losses only).
-  void run_task(int64_t t, ConvThreadWorkspace<Scalar>& w, Scalar* row) const {
-    const int64_t steps = args_.inner_steps, pp = layout_.padded_size;
-    const Scalar lr = args_.lr;
+  // The adapted part of the network (ANIL: the head on fixed features; else everything).
+  void adapted_forward(const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                       const ConvScratch<Scalar>& scratch) const {
+    if (anil_) head_forward(layout_, p, buf);
+    else conv_forward(layout_, p, buf, scratch);
+  }
+  void adapted_backward(const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                        const ConvScratch<Scalar>& scratch, Scalar* grad) const {
+    if (anil_) head_backward(layout_, p, buf, grad, false);
+    else conv_backward(layout_, p, buf, scratch, grad);
+  }
 
-    // Inner loop on the support set.
+  // One task; its meta-gradient (Reptile: phi_K) is written to `row` (null: losses only),
+  // Meta-SGD's rate gradient to `lr_row`.
+  void run_task(int64_t t, ConvThreadWorkspace<Scalar>& w, Scalar* row, Scalar* lr_row) const {
+    const int64_t steps = args_.inner_steps, pp = layout_.padded_size, ho = head_offset_;
+    const Scalar lr = args_.lr;
+    const Scalar* alpha = alpha_;
+
+    // Inner loop on the support set (ANIL: the body's features once, at theta).
     ConvPassBuffers<Scalar>& sup = w.support;
     const void* sup_y = targets(args_.support_y, args_.support_y_stride, t);
     load_images(layout_, args_.support_x + t * args_.support_x_stride, sup);
+    if (anil_) body_forward(layout_, theta_, sup, w.scratch);
     for (int64_t k = 0; k < steps; ++k) {
       const Scalar* now = phi(w, k);
       Scalar* next = w.phi[std::min<int64_t>(k + 1, history_) - 1];
-      conv_forward(layout_, now, sup, w.scratch);
+      Scalar* g = w.grads.empty() ? w.grad : w.grads[k];
+      adapted_forward(now, sup, w.scratch);
       args_.support_loss[t * steps + k] = loss(sup, sup_y, true, nullptr);
-      conv_backward(layout_, now, sup, w.scratch, w.grad);
+      adapted_backward(now, sup, w.scratch, g);
+      if (alpha) {
 #pragma omp simd
-      for (int64_t i = 0; i < pp; ++i) next[i] = now[i] - lr * w.grad[i];
+        for (int64_t i = ho; i < pp; ++i) next[i] = now[i] - alpha[i] * g[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = ho; i < pp; ++i) next[i] = now[i] - lr * g[i];
+      }
+      if (w.grad_sum) {
+        if (k == 0) std::memcpy(w.grad_sum + ho, g + ho, sizeof(Scalar) * (pp - ho));
+        else
+#pragma omp simd
+          for (int64_t i = ho; i < pp; ++i) w.grad_sum[i] += g[i];
+      }
     }
     const Scalar* adapted = phi(w, steps);
     if (args_.adapted) layout_.unpack(adapted, args_.adapted + t * layout_.user_size);
+    if (reptile_) {  // Reptile needs only phi_K
+      std::memcpy(row, adapted, sizeof(Scalar) * pp);
+      return;
+    }
 
-    // Query loss at phi_K and its gradient v_K.
+    // Query loss at phi_K and its gradient v_K (ANIL: and the body's, through the query
+    // features).
     ConvPassBuffers<Scalar>& qry = w.query;
     const void* qry_y = targets(args_.query_y, args_.query_y_stride, t);
     load_images(layout_, args_.query_x + t * args_.query_x_stride, qry);
-    conv_forward(layout_, adapted, qry, w.scratch);
+    if (anil_) body_forward(layout_, theta_, qry, w.scratch);
+    adapted_forward(adapted, qry, w.scratch);
     args_.query_loss[t] = loss(qry, qry_y, row != nullptr,
                                args_.query_accuracy ? args_.query_accuracy + t : nullptr);
     if (!row) return;
-    conv_backward(layout_, adapted, qry, w.scratch, row);
-    if (!second_order_) return;  // first order: the meta-gradient is v_K
+    if (anil_) {
+      head_backward(layout_, adapted, qry, row, true);
+      body_backward(layout_, theta_, qry, w.scratch, row);
+    } else {
+      conv_backward(layout_, adapted, qry, w.scratch, row);
+    }
+    if (lr_row) std::memset(lr_row, 0, sizeof(Scalar) * pp);
 
-    // Reverse sweep: v_k = v_{k+1} - lr H_k v_{k+1}. Step K-1's support activations and
-    // deltas are still in `sup` from the inner loop; earlier ones are recomputed.
+    if (!second_order_) {  // first order: the meta-gradient is v_K
+      if (lr_row)  // dL/dalpha = -sum_k g_k * v_K (the inner gradients are constants)
+#pragma omp simd
+        for (int64_t i = ho; i < pp; ++i) lr_row[i] = -w.grad_sum[i] * row[i];
+      return;
+    }
+
+    // Reverse sweep: v_k = v_{k+1} - H_k (alpha v_{k+1}); with a scalar rate the direction
+    // is v_{k+1} itself and H_k (lr v) = lr H_k v. Step K-1's support activations and
+    // deltas are still in `sup` from the inner loop; earlier ones are recomputed. ANIL:
+    // each step also moves the support features' gradient by -R{d features}.
+    Scalar* features_grad = anil_ ? sup.dfeat : nullptr;
+    if (features_grad)
+      std::memset(features_grad, 0, sizeof(Scalar) * sup.samples * layout_.head.in_pad);
+    const Scalar scale = alpha ? Scalar(-1) : -lr;
     for (int64_t k = steps - 1; k >= 0; --k) {
       const Scalar* now = phi(w, k);
       if (k < steps - 1) {
-        conv_forward(layout_, now, sup, w.scratch);
+        adapted_forward(now, sup, w.scratch);
         loss(sup, sup_y, true, nullptr);
-        conv_backward<Scalar>(layout_, now, sup, w.scratch, nullptr);
+        adapted_backward(now, sup, w.scratch, nullptr);
       }
-      std::memcpy(w.u, row, sizeof(Scalar) * pp);
-      conv_r_forward(layout_, now, w.u, sup, w.scratch);
-      loss_r_delta(spec_.loss, sup.samples, spec_.outputs, sup.out, sup.rout, spec_.outputs,
-                   sup.rdout);
-      conv_r_backward(layout_, now, w.u, sup, w.scratch, w.hu);
+      const Scalar* u = row;
+      if (alpha) {
 #pragma omp simd
-      for (int64_t i = 0; i < pp; ++i) row[i] -= lr * w.hu[i];
+        for (int64_t i = ho; i < pp; ++i) w.u[i] = alpha[i] * row[i];
+        u = w.u;
+      }
+      if (lr_row) {  // dL/dalpha = -sum_k g_k * v_{k+1}
+        const Scalar* g = w.grads[k];
+#pragma omp simd
+        for (int64_t i = ho; i < pp; ++i) lr_row[i] -= g[i] * row[i];
+      }
+      if (anil_) {
+        head_r_forward(layout_, u, sup);
+        loss_r_delta(spec_.loss, sup.samples, spec_.outputs, sup.out, sup.rout, spec_.outputs,
+                     sup.rdout);
+        head_r_backward(layout_, now, u, sup, w.hu);
+        const int64_t n = sup.samples * layout_.head.in_pad;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) features_grad[i] += scale * sup.rdfeat[i];
+      } else {
+        conv_r_forward(layout_, now, u, sup, w.scratch);
+        loss_r_delta(spec_.loss, sup.samples, spec_.outputs, sup.out, sup.rout, spec_.outputs,
+                     sup.rdout);
+        conv_r_backward(layout_, now, u, sup, w.scratch, w.hu);
+      }
+#pragma omp simd
+      for (int64_t i = ho; i < pp; ++i) row[i] += scale * w.hu[i];
+    }
+    if (anil_) {  // the body's gradient through the support features, at theta
+      detail::from_features(layout_.head, sup.samples, features_grad, sup.blocks.back().dpooled);
+      body_backward(layout_, theta_, sup, w.scratch, w.grad);
+#pragma omp simd
+      for (int64_t i = 0; i < ho; ++i) row[i] += w.grad[i];
     }
   }
 
   // mean[p] = (rows[0][p] + rows[1][p] + ...) / T in task order; the columns are shared
   // among the threads (called inside the parallel region).
-  void reduce_rows() {
+  void reduce_rows(const Scalar* rows, Scalar* mean) const {
     const int64_t pp = layout_.padded_size, chunk = 1024;
     const Scalar inv = Scalar(1) / Scalar(args_.tasks);
 #pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < pp; p0 += chunk) {
       const int64_t n = std::min(chunk, pp - p0);
-      Scalar* out = mean_ + p0;
-      std::memcpy(out, rows_ + p0, sizeof(Scalar) * n);
+      Scalar* out = mean + p0;
+      std::memcpy(out, rows + p0, sizeof(Scalar) * n);
       for (int64_t t = 1; t < args_.tasks; ++t) {
-        const Scalar* row = rows_ + t * pp + p0;
+        const Scalar* row = rows + t * pp + p0;
 #pragma omp simd
         for (int64_t p = 0; p < n; ++p) out[p] += row[p];
       }
@@ -242,10 +353,16 @@ class ConvMetaStep {
   const ConvLayout<Scalar> layout_;
   MetaStepArgs<Scalar>& args_;
   int num_threads_ = 1;
-  bool second_order_ = false;
+  bool reptile_ = false, need_grad_ = false, second_order_ = false;
+  bool vector_lr_ = false;  // per-parameter inner rates (Meta-SGD) rather than one scalar
+  bool meta_sgd_ = false;   // ... and their gradient is wanted
+  bool anil_ = false;       // only the head adapts
   int64_t history_ = 1;
-  Scalar *theta_ = nullptr, *mean_ = nullptr;
-  Scalar* rows_ = nullptr;  // [T, Pp]: every task's meta-gradient
+  int64_t head_offset_ = 0;  // ANIL: where the head's entries start (the adapted ones)
+  Scalar *theta_ = nullptr, *alpha_ = nullptr;
+  Scalar *mean_ = nullptr, *lr_mean_ = nullptr;
+  Scalar *rows_ = nullptr, *lr_rows_ = nullptr;  // [T, Pp]: every task's meta-gradient (Reptile:
+                                                 // phi_K) and rate gradient
   std::vector<ConvThreadWorkspace<Scalar>> threads_;
 };
 

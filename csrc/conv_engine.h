@@ -1,10 +1,10 @@
-// The batched per-task conv engine: MAML meta-steps (second- and first-order) for a stack
-// of conv3x3 / BatchNorm2d / ReLU / maxpool 2x2 blocks and a Linear head (conv_spec.h),
-// all tasks of a meta-batch in one call.
+// The batched per-task conv engine: MAML (second- and first-order), Meta-SGD, ANIL and
+// Reptile meta-steps for a stack of conv3x3 / BatchNorm2d / ReLU / maxpool 2x2 blocks and
+// a Linear head (conv_spec.h), all tasks of a meta-batch in one call.
 //
 // Per task, as the MLP engine (mlp_engine.h): K inner SGD steps on the support set, the
 // query loss at phi_K and its gradient v_K, then the reverse sweep
-// v_k = v_{k+1} - lr H_k v_{k+1} with Hessian-vector products by forward-over-reverse,
+// v_k = v_{k+1} - H_k (alpha v_{k+1}) with Hessian-vector products by forward-over-reverse,
 // recomputing each step's activations from the stored phi_k (memory O(threads * K * P)
 // for the weights, never activations x K). Tasks run in parallel (OpenMP), each whole on
 // one thread; their gradients are summed in task order, so the result is bitwise the same
@@ -22,8 +22,7 @@ class ConvEngine {
  public:
   explicit ConvEngine(ConvSpec spec);
 
-  // args as for the MLP engine; scalar learning rate only (args.lrs empty), and
-  // second_order or first_order.
+  // args as for the MLP engine (scalar or per-parameter rates; every algorithm).
   void meta_step(MetaStepArgs<float>& args);
   void meta_step(MetaStepArgs<double>& args);
 

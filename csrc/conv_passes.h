@@ -124,9 +124,9 @@ void from_features(const HeadLayout& head, int64_t samples, const Scalar* feat, 
 
 }  // namespace detail
 
-// Activations of every block and the head's output, at parameters p.
+// Activations of every block and the flattened features the head reads, at parameters p.
 template <typename Scalar>
-void conv_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+void body_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
                   const ConvScratch<Scalar>& scratch) {
   const int64_t n = buf.samples;
   for (int64_t i = 0; i < layout.num_blocks(); ++i) {
@@ -140,17 +140,30 @@ void conv_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     bn_forward(rows, b.ch, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.xhat, bb.s, bb.y);
     relu_pool_forward(b, n, bb.y, bb.arg, bb.pooled);
   }
-  const HeadLayout& h = layout.head;
-  detail::to_features(h, n, buf.blocks.back().pooled, buf.feat);
-  const DotOperand<Scalar> op{buf.feat, h.in_pad, p + h.weight, h.in_pad};
-  gemm_dot<Scalar>(n, h.out, h.in, h.in_pad, &op, 1, h.bias >= 0 ? p + h.bias : nullptr, buf.out, h.out);
+  detail::to_features(layout.head, n, buf.blocks.back().pooled, buf.feat);
 }
 
-// Back-propagates dout: every block's dy and dz, and the parameter gradient into `grad`
-// (a padded vector; skipped when null: the reverse sweep needs only the deltas).
+// The head's output from the features, at parameters p (only the head's entries are read).
 template <typename Scalar>
-void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
-                   const ConvScratch<Scalar>& scratch, Scalar* grad) {
+void head_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf) {
+  const HeadLayout& h = layout.head;
+  const DotOperand<Scalar> op{buf.feat, h.in_pad, p + h.weight, h.in_pad};
+  gemm_dot<Scalar>(buf.samples, h.out, h.in, h.in_pad, &op, 1, h.bias >= 0 ? p + h.bias : nullptr,
+                   buf.out, h.out);
+}
+
+template <typename Scalar>
+void conv_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                  const ConvScratch<Scalar>& scratch) {
+  body_forward(layout, p, buf, scratch);
+  head_forward(layout, p, buf);
+}
+
+// Back-propagates dout through the head: its parameter gradient into `grad` (when given)
+// and, when `to_body`, d features = dout W into the last block's dpooled.
+template <typename Scalar>
+void head_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                   Scalar* grad, bool to_body) {
   const int64_t n = buf.samples;
   const HeadLayout& h = layout.head;
   if (grad) {
@@ -158,11 +171,19 @@ void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     gemm_axpy<Scalar>(h.out, h.in_pad, n, &op, 1, Scalar(1), nullptr, 0, grad + h.weight, h.in_pad);
     if (h.bias >= 0) sum_rows<Scalar>(n, h.out, buf.dout, h.out, Scalar(1), nullptr, grad + h.bias);
   }
-  {
+  if (to_body) {
     const AxpyOperand<Scalar> op{buf.dout, h.out, 1, p + h.weight, h.in_pad};
     gemm_axpy<Scalar>(n, h.in_pad, h.out, &op, 1, Scalar(1), nullptr, 0, buf.dfeat, h.in_pad);
     detail::from_features(h, n, buf.dfeat, buf.blocks.back().dpooled);
   }
+}
+
+// Back-propagates the last block's dpooled through every block: each block's dy and dz,
+// and the blocks' parameter gradient into `grad` (a padded vector; skipped when null).
+template <typename Scalar>
+void body_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                   const ConvScratch<Scalar>& scratch, Scalar* grad) {
+  const int64_t n = buf.samples;
   for (int64_t i = layout.num_blocks() - 1; i >= 0; --i) {
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
@@ -182,6 +203,15 @@ void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
       col2im(b, n, scratch.dcol, buf.blocks[i - 1].dpooled);
     }
   }
+}
+
+// Back-propagates dout: every block's dy and dz, and the parameter gradient into `grad`
+// (a padded vector; skipped when null: the reverse sweep needs only the deltas).
+template <typename Scalar>
+void conv_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuffers<Scalar>& buf,
+                   const ConvScratch<Scalar>& scratch, Scalar* grad) {
+  head_backward(layout, p, buf, grad, true);
+  body_backward(layout, p, buf, scratch, grad);
 }
 
 // R{.} of every activation along u, from R{images} = 0.
@@ -250,6 +280,31 @@ void conv_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sc
       col2im(b, n, scratch.dcol, buf.blocks[i - 1].rdpooled);
     }
   }
+}
+
+// ANIL: R{.} of the head's output along a direction u of the head alone (the features do
+// not move: R{feat} = 0).
+template <typename Scalar>
+void head_r_forward(const ConvLayout<Scalar>& layout, const Scalar* u, ConvPassBuffers<Scalar>& buf) {
+  const HeadLayout& h = layout.head;
+  const DotOperand<Scalar> op{buf.feat, h.in_pad, u + h.weight, h.in_pad};
+  gemm_dot<Scalar>(buf.samples, h.out, h.in, h.in_pad, &op, 1, h.bias >= 0 ? u + h.bias : nullptr,
+                   buf.rout, h.out);
+}
+
+// ANIL: the head's R-backward from rdout (R{feat} = 0): H u of the head's entries into
+// `hu`, and R{d features} = R{dout} W + dout U into buf.rdfeat (rows of h.in_pad).
+template <typename Scalar>
+void head_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Scalar* u,
+                     ConvPassBuffers<Scalar>& buf, Scalar* hu) {
+  const int64_t n = buf.samples;
+  const HeadLayout& h = layout.head;
+  const AxpyOperand<Scalar> op{buf.rdout, 1, h.out, buf.feat, h.in_pad};
+  gemm_axpy<Scalar>(h.out, h.in_pad, n, &op, 1, Scalar(1), nullptr, 0, hu + h.weight, h.in_pad);
+  if (h.bias >= 0) sum_rows<Scalar>(n, h.out, buf.rdout, h.out, Scalar(1), nullptr, hu + h.bias);
+  const AxpyOperand<Scalar> ops[2] = {{buf.rdout, h.out, 1, p + h.weight, h.in_pad},
+                                      {buf.dout, h.out, 1, u + h.weight, h.in_pad}};
+  gemm_axpy<Scalar>(n, h.in_pad, h.out, ops, 2, Scalar(1), nullptr, 0, buf.rdfeat, h.in_pad);
 }
 
 }  // namespace FASTMETA_ISA

@@ -21,6 +21,7 @@ struct ConvSpec {
   int64_t outputs = 0;                             // the Linear head's width
   bool head_bias = true;
   Loss loss = Loss::mse;
+  bool head_only = false;  // ANIL: only the Linear head adapts in the inner loop
 
   int64_t num_blocks() const { return static_cast<int64_t>(channels.size()); }
 

@@ -1,5 +1,5 @@
 """The compiled conv engine (fastmeta._core.ConvEngine, fastmeta/engine_conv.py) against the
-torch reference engine (fastmeta.MAML(..., backend="torch")).
+torch reference engine (fastmeta.MAML / MetaSGD / ANIL / Reptile with backend="torch").
 
 On fresh random inputs: conv4-shaped models with 1 and 3 input channels, 4 to 8 filters,
 image sizes 28, 27, 17 and 9 (odd sizes drop a row and a column at every pooling), with
@@ -89,30 +89,34 @@ CASES = [
 ]
 
 
-def kink_margin(model: nn.Module, lr: float, loss: str, steps: int, sx, sy, qx) -> float:
+def kink_margin(model: nn.Module, lr: float, loss: str, steps: int, sx, sy, qx,
+                algorithm=None) -> float:
     """How close (in float64) the data come to a kink of the meta-gradient: over every
     max-pool window the engine visits (the support set at phi_0 .. phi_{K-1}, the query set
     at phi_K), the smallest distance between a positive maximum and the runner-up, or
     between a maximum and zero (the ReLU's kink). Float32 rounding (about 1e-6 here) may
-    route a gradient either way across a smaller margin, and so may the two engines."""
-    model = copy.deepcopy(model).double()
-    maml = fastmeta.MAML(model, lr, steps, loss=loss, backend="torch")
+    route a gradient either way across a smaller margin, and so may the two engines.
+    ``algorithm``: a reference algorithm to adapt with (MAML with ``lr`` when None)."""
+    if algorithm is None:
+        algorithm = fastmeta.MAML(model, lr, steps, loss=loss, backend="torch")
+    maml = copy.deepcopy(algorithm).double()
     pools = [i for i, layer in enumerate(maml._batched.layers) if type(layer) is nn.MaxPool2d]
     margin = float("inf")
     with torch.no_grad():
         for k in range(steps + 1):
             weights = maml.adapt(sx.double(), sy if loss == "cross_entropy" else sy.double(),
                                  steps=k).fast_weights
-            x = (sx if k < steps else qx).double()
-            for pool in pools:
-                y = maml._batched(weights, x, 0, pool - 1)  # batch norm's output
-                h, w = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
-                windows = y[..., :h, :w].unfold(-2, 2, 2).unfold(-2, 2, 2).flatten(-2)
-                top = windows.topk(2, -1).values
-                margin = min(margin, float(top[..., 0].abs().min()))
-                gaps = (top[..., 0] - top[..., 1])[top[..., 0] > 0]
-                if gaps.numel():
-                    margin = min(margin, float(gaps.min()))
+            for x in ([sx] if k < steps else []) + ([qx] if k == steps and qx is not None else []):
+                x = x.double()
+                for pool in pools:
+                    y = maml._batched(weights, x, 0, pool - 1)  # batch norm's output
+                    h, w = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
+                    windows = y[..., :h, :w].unfold(-2, 2, 2).unfold(-2, 2, 2).flatten(-2)
+                    top = windows.topk(2, -1).values
+                    margin = min(margin, float(top[..., 0].abs().min()))
+                    gaps = (top[..., 0] - top[..., 1])[top[..., 0] > 0]
+                    if gaps.numel():
+                        margin = min(margin, float(gaps.min()))
     return margin
 
 
@@ -165,6 +169,106 @@ def test_losses_only_without_gradient():
 
 
 # --------------------------------------------------------------------------------------------
+# Meta-SGD, ANIL, Reptile
+# --------------------------------------------------------------------------------------------
+def make_reference(name: str, model: nn.Module, lr: float, steps: int, loss: str):
+    """The reference engine's algorithm `name` (Meta-SGD's rates drawn per weight, so the
+    rate gradient is tested)."""
+    first_order = name.endswith("first-order")
+    if name.startswith("metasgd"):
+        alg = fastmeta.MetaSGD(model, lr, steps, first_order=first_order, loss=loss, backend="torch")
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for rate in alg.inner_lrs:
+                rate.mul_(torch.rand(rate.shape, generator=generator, dtype=rate.dtype) + 0.5)
+        return alg
+    if name.startswith("anil"):
+        return fastmeta.ANIL(model, inner_lr=lr, inner_steps=steps, first_order=first_order,
+                             loss=loss, backend="torch")
+    return fastmeta.Reptile(model, lr, steps, loss=loss, backend="torch")
+
+
+# (algorithm, in_channels, hidden, image size, conv bias, tasks, inner steps, loss)
+VARIANT_CASES = [
+    ("metasgd", 1, 4, 16, True, 3, 2, "cross_entropy"),
+    ("metasgd-first-order", 3, 5, 19, False, 2, 3, "mse"),
+    ("anil", 1, 5, 16, True, 3, 3, "cross_entropy"),
+    ("anil", 3, 4, 17, False, 2, 1, "mse"),
+    ("anil-first-order", 1, 4, 16, True, 3, 2, "cross_entropy"),
+    ("reptile", 1, 4, 16, True, 3, 3, "cross_entropy"),
+    ("reptile", 3, 5, 19, False, 2, 2, "mse"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_variants_match_reference(case, dtype):
+    name, channels, hidden, size, bias, tasks, steps, loss = case
+    n_way = 5 if loss == "cross_entropy" else 2
+    lr = 0.3 if loss == "cross_entropy" else 0.1
+    model = conv_model(channels, hidden, size, n_way, 4, bias).to(dtype)
+    reptile = name == "reptile"
+    for _ in range(20):  # float32: data away from the kinks
+        sx, sy, qx, qy = image_batch(loss, tasks, 5, 6, channels, size, n_way, dtype)
+        if dtype == torch.float64:
+            break
+        alg = make_reference(name, copy.deepcopy(model), lr, steps, loss)
+        if kink_margin(model, lr, loss, steps, sx, sy, None if reptile else qx, alg) > 1e-5:
+            break
+    else:
+        pytest.fail("no random batch kept away from the kinks")
+
+    reference = make_reference(name, copy.deepcopy(model), lr, steps, loss)
+    value = reference(sx, sy) if reptile else reference(sx, sy, qx, qy)
+    value.backward()
+    adapted = reference.adapt(sx, sy)
+    ref_adapted = torch.cat([w.detach().reshape(tasks, -1) for w in adapted.fast_weights], 1)
+    ref_grads = [p.grad for p in reference.model.parameters()]
+
+    meta_sgd = name.startswith("metasgd")
+    lrs = [r.detach() for r in reference.inner_lrs] if meta_sgd else lr
+    engine = CompiledConv4(model, loss, reference._adapted() if name.startswith("anil") else None)
+    assert engine.reason is None and engine.head_only == name.startswith("anil")
+    algorithm = ("reptile" if reptile else
+                 "first_order" if name.endswith("first-order") else "second_order")
+    result = engine.run(list(model.parameters()), lrs, steps, algorithm, sx, sy,
+                        *((None, None) if reptile else (qx, qy)), want_adapted=True)
+    assert result.all_finite
+    rtol = RTOL[dtype]
+    assert rel_error(result.support_losses, torch.stack(adapted.support_losses, 1)) < rtol
+    assert rel_error(result.adapted, ref_adapted) < rtol
+    if reptile:
+        # theta - mean phi_K is a small difference of large numbers: judged against theta
+        assert result.query_losses is None
+        assert rel_error(result.support_losses[:, 0].mean(), value) < rtol
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        direction = torch.cat([g.reshape(-1) for g in result.grads])
+        ref_direction = torch.cat([g.reshape(-1) for g in ref_grads])
+        assert rel_error(direction, ref_direction, float(theta.double().norm())) < rtol
+        return
+    assert rel_error(result.query_losses.mean(), value) < rtol
+    ref_query = fastmeta.losses.per_task_loss(loss, adapted(qx).detach(), qy)
+    assert rel_error(result.query_losses, ref_query) < rtol
+    assert_gradients_close(model, result.grads, ref_grads, rtol, TENSOR_RTOL[dtype])
+    if meta_sgd:
+        ref_lr_grads = [r.grad for r in reference.inner_lrs]
+        assert_gradients_close(model, result.lr_grads, ref_lr_grads, rtol, TENSOR_RTOL[dtype])
+    else:
+        assert result.lr_grads is None
+
+
+def test_anil_needs_exactly_the_head_adapted():
+    model = conv_model(1, 4, 16, 3)
+    body = len(list(model.parameters())) - 2
+    for adapted in ([True] * body + [False, True], [False] * (body + 1) + [True],
+                    [False] * (body - 1) + [True] * 3):
+        engine = CompiledConv4(model, "cross_entropy", adapted)
+        assert engine.spec is None and "Linear head" in engine.reason
+    assert CompiledConv4(model, "cross_entropy", [True] * (body + 2)).head_only is False
+    assert CompiledConv4(model, "cross_entropy", [False] * body + [True] * 2).head_only
+
+
+# --------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------
 def test_conv_spec_of_conv4():
@@ -214,7 +318,7 @@ def test_binding_checks_its_arguments():
                     support_x=sx.numpy(), support_y=sy.numpy(), query_x=qx.numpy(),
                     query_y=qy.numpy(), need_grad=True, support_loss=np.empty((2, 1)),
                     query_loss=np.empty(2), query_accuracy=None,
-                    grad=[np.empty(p.shape) for p in params], adapted=None)
+                    grad=[np.empty(p.shape) for p in params], lr_grad=None, adapted=None)
         args.update(changes)
         return core.meta_step(**args)
 
@@ -234,7 +338,11 @@ def test_binding_checks_its_arguments():
     with pytest.raises(ValueError, match="params\\[0\\]: expected 36 elements"):
         call(params=[arrays[1]] + arrays[1:])
     with pytest.raises(ValueError, match="unknown algorithm"):
-        call(algorithm="reptile")
+        call(algorithm="third_order")
+    with pytest.raises(ValueError, match="reptile takes a scalar"):
+        call(algorithm="reptile", lr=[np.full(p.shape, 0.3) for p in params])
+    with pytest.raises(ValueError, match="need query_x"):
+        call(query_x=None)
     with pytest.raises(ValueError, match="grad is required"):
         call(grad=None)
 
@@ -250,11 +358,18 @@ _SCRIPT = textwrap.dedent("""
     model = fastmeta.models.conv4(1, 5, 6, 16)
     x = torch.randn(5, 9, 1, 16, 16)
     y = torch.randint(0, 5, (5, 9))
-    result = CompiledConv4(model, "cross_entropy").run(
-        list(model.parameters()), 0.4, 2, "second_order", x[:, :4], y[:, :4], x[:, 4:], y[:, 4:])
+    params = list(model.parameters())
+    rates = [torch.rand_like(p) * 0.4 for p in params]
+    data = (x[:, :4], y[:, :4], x[:, 4:], y[:, 4:])
+    plain = CompiledConv4(model, "cross_entropy")
+    anil = CompiledConv4(model, "cross_entropy", [False] * (len(params) - 2) + [True] * 2)
     digest = hashlib.sha256()
-    for t in [result.query_losses, result.support_losses, *result.grads]:
-        digest.update(t.numpy().tobytes())
+    for result in (plain.run(params, 0.4, 2, "second_order", *data),
+                   plain.run(params, rates, 2, "second_order", *data),
+                   anil.run(params, 0.4, 2, "second_order", *data),
+                   plain.run(params, 0.4, 2, "reptile", *data[:2])):
+        for t in [result.support_losses, *result.grads, *(result.lr_grads or [])]:
+            digest.update(t.numpy().tobytes())
     print(backends.info()["max_threads"], digest.hexdigest())
 """)
 

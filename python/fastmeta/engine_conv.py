@@ -1,12 +1,12 @@
-"""The compiled CPU engine for conv4-shaped models: second- and first-order MAML meta-steps
-for an ``nn.Sequential`` of blocks ``Conv2d(3x3, padding 1) -> BatchNorm2d -> ReLU ->
+"""The compiled CPU engine for conv4-shaped models: MAML (second- and first-order),
+Meta-SGD, ANIL and Reptile meta-steps for an ``nn.Sequential`` of blocks ``Conv2d(3x3, padding 1) -> BatchNorm2d -> ReLU ->
 MaxPool2d(2)`` followed by ``Flatten`` and a ``Linear`` head (``fastmeta.models.conv4``), all
 tasks of a meta-batch in one call into ``fastmeta._core.ConvEngine``.
 
 Batch norm always normalises with each task's batch statistics, as the reference engine
 runs it (``fastmeta.functional``), whatever ``track_running_stats`` says. The engine is not
 yet routed to by ``fastmeta.MAML``; ``CompiledConv4.run`` has the shape of
-``CompiledMLP.run`` (scalar inner learning rate only).
+``CompiledMLP.run``.
 """
 from __future__ import annotations
 
@@ -122,19 +122,28 @@ class CompiledConv4:
     """The engine for one conv4-shaped model: its spec and one compiled engine per image
     size (each keeps its scratch memory between calls). Build once, call every step."""
 
-    def __init__(self, model: nn.Module, loss: str):
+    def __init__(self, model: nn.Module, loss: str, adapted: Sequence[bool] | None = None):
         self.model = model
         self.loss = loss
         spec = conv_spec(model)
         self.reason: str | None = spec if isinstance(spec, str) else None
         self.spec: ConvSpec | None = None if isinstance(spec, str) else spec
-        if self.spec is not None:
-            self.shapes = self.spec.parameter_shapes()
-            self.num_params = sum(int(np.prod(s)) for s in self.shapes)
+        self.head_only = False  # ANIL: only the Linear head adapts
         self._engines: dict[tuple[int, int], object] = {}
+        self._arrays_cache: dict[str, tuple[list[int], list]] = {}
+        if self.spec is None:
+            return
+        self.shapes = self.spec.parameter_shapes()
+        self.num_params = sum(int(np.prod(s)) for s in self.shapes)
+        if adapted is not None and not all(adapted):
+            head = 2 if self.spec.head_bias else 1
+            if list(adapted) != [False] * (len(self.shapes) - head) + [True] * head:
+                self.reason, self.spec = "the adapted parameters are not exactly the Linear head's", None
+                return
+            self.head_only = True
 
     def __getstate__(self):  # the compiled engines (and their scratch memory) are not copied
-        return {**self.__dict__, "_engines": {}}
+        return {**self.__dict__, "_engines": {}, "_arrays_cache": {}}
 
     def engine(self, height: int, width: int):
         key = (height, width)
@@ -142,7 +151,7 @@ class CompiledConv4:
             s = self.spec
             self._engines[key] = backends.core().ConvEngine(
                 s.in_channels, height, width, list(s.channels), list(s.conv_bias), list(s.eps),
-                s.outputs, s.head_bias, self.loss)
+                s.outputs, s.head_bias, self.loss, self.head_only)
         return self._engines[key]
 
     def input_reason(self, x: Tensor) -> str | None:
@@ -154,31 +163,47 @@ class CompiledConv4:
                     f"[tasks, samples, {self.spec.in_channels}, height, width])")
         return self.spec.image_reason(x.shape[3], x.shape[4])
 
-    def run(self, params: Sequence[Tensor], lr: float, steps: int, algorithm: str,
-            support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-            need_grad: bool = True, want_adapted: bool = False) -> EngineResult:
-        """One meta-step. ``algorithm``: "second_order" or "first_order"."""
-        if not isinstance(lr, (int, float)):
-            raise TypeError("the conv engine takes one scalar inner learning rate (no Meta-SGD yet)")
-        for x in (support_x, query_x):
+    def run(self, params: Sequence[Tensor], lrs: float | Sequence[Tensor], steps: int,
+            algorithm: str, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
+            query_y: Tensor | None = None, need_grad: bool = True,
+            want_adapted: bool = False) -> EngineResult:
+        """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
+        ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
+        query = algorithm != "reptile"
+        for x in (support_x, query_x) if query else (support_x,):
             reason = self.input_reason(x)
             if reason:
                 raise ValueError(f"the conv engine cannot run this batch: {reason}")
-        if query_x.shape[2:] != support_x.shape[2:]:
+        if query and query_x.shape[2:] != support_x.shape[2:]:
             raise ValueError(f"support images {tuple(support_x.shape[2:])} and query images "
                              f"{tuple(query_x.shape[2:])} differ in shape")
         dtype = _NUMPY[support_x.dtype]
         num_tasks = support_x.shape[0]
+        meta_sgd = not isinstance(lrs, (int, float))
+        lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
         support_losses = np.empty((num_tasks, steps), dtype)
-        query_losses = np.empty(num_tasks, dtype)
-        accuracies = np.empty(num_tasks, dtype) if self.loss == "cross_entropy" else None
-        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad else None
+        query_losses = np.empty(num_tasks, dtype) if query else None
+        accuracies = np.empty(num_tasks, dtype) if query and self.loss == "cross_entropy" else None
+        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad or not query else None
+        lr_grads = [np.empty(s, dtype) for s in self.shapes] if meta_sgd and need_grad else None
         adapted = np.empty((num_tasks, self.num_params), dtype) if want_adapted else None
         finite = self.engine(support_x.shape[3], support_x.shape[4]).meta_step(
-            [_array(p) for p in params], float(lr), algorithm, steps,
-            _task_array(support_x), _task_array(support_y), _task_array(query_x),
-            _task_array(query_y), need_grad, support_losses, query_losses, accuracies, grads,
-            adapted)
+            self._arrays("params", params), lr_arg, algorithm, steps,
+            _task_array(support_x), _task_array(support_y),
+            _task_array(query_x) if query else None, _task_array(query_y) if query else None,
+            need_grad, support_losses, query_losses, accuracies, grads, lr_grads, adapted)
         return EngineResult(_tensor(query_losses), _tensor(accuracies),
-                            torch.from_numpy(support_losses), _tensors(grads), None,
-                            _tensor(adapted), finite)
+                            torch.from_numpy(support_losses), _tensors(grads),
+                            _tensors(lr_grads), _tensor(adapted), finite)
+
+    def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
+        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
+        view keeps its storage alive, so an equal address means the same storage)."""
+        pointers = [t.data_ptr() for t in tensors]
+        cached = self._arrays_cache.get(key)
+        if cached is not None and cached[0] == pointers:
+            return cached[1]
+        arrays = [_array(t) for t in tensors]
+        if all(t.is_contiguous() for t in tensors):
+            self._arrays_cache[key] = (pointers, arrays)
+        return arrays
