@@ -148,7 +148,6 @@ class ConvMetaStep {
       const int64_t map = samples * b.h * b.w * b.ch, pooled = samples * b.ph * b.pw * b.ch;
       bb.x = i == 0 ? buf.images : buf.blocks[i - 1].pooled;
       bb.xhat = c.take<Scalar>(map);
-      bb.y = c.take<Scalar>(map);
       bb.s = c.take<Scalar>(b.ch);
       bb.arg = c.take<uint8_t>(pooled);
       bb.pooled = c.take<Scalar>(pooled);

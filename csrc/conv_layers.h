@@ -70,6 +70,29 @@ void channel_sums(int64_t rows, int64_t ch, const Scalar* a, const Scalar* b, Sc
 template <typename Scalar>
 void im2col(const ConvBlockLayout& b, int64_t samples, const Scalar* x, Scalar* col) {
   const int64_t c = b.in_ch;
+  if (c < 8) {  // narrow inputs (the images): element by element, no calls per tap
+    for (int64_t n = 0; n < samples; ++n)
+      for (int64_t i = 0; i < b.h; ++i)
+        for (int64_t j = 0; j < b.w; ++j) {
+          Scalar* row = col + ((n * b.h + i) * b.w + j) * b.k_pad;
+          for (int64_t kh = 0; kh < 3; ++kh) {
+            const int64_t ii = i + kh - 1;
+            const bool row_in = ii >= 0 && ii < b.h;
+            for (int64_t kw = 0; kw < 3; ++kw) {
+              const int64_t jj = j + kw - 1;
+              Scalar* dst = row + (kh * 3 + kw) * c;
+              if (row_in && jj >= 0 && jj < b.w) {
+                const Scalar* src = x + ((n * b.h + ii) * b.w + jj) * c;
+                for (int64_t k = 0; k < c; ++k) dst[k] = src[k];
+              } else {
+                for (int64_t k = 0; k < c; ++k) dst[k] = Scalar(0);
+              }
+            }
+          }
+          for (int64_t k = b.k; k < b.k_pad; ++k) row[k] = Scalar(0);
+        }
+    return;
+  }
   for (int64_t n = 0; n < samples; ++n)
     for (int64_t i = 0; i < b.h; ++i)
       for (int64_t j = 0; j < b.w; ++j) {
@@ -116,56 +139,29 @@ void col2im(const ConvBlockLayout& b, int64_t samples, const Scalar* col, Scalar
 // ---------------------------------------------------------------------------------------------
 // Batch norm. z and xhat may alias (normalised in place).
 // ---------------------------------------------------------------------------------------------
+// Statistics of z: mean and s = sqrt(var + eps) per channel (two passes over z, nothing
+// written: the variance is summed from centred values, exactly as a two-pass variance).
 template <typename Scalar>
-void bn_forward(int64_t rows, int64_t ch, Scalar eps, const Scalar* z, const Scalar* gamma,
-                const Scalar* beta, Scalar* xhat, Scalar* s, Scalar* y) {
+void bn_statistics(int64_t rows, int64_t ch, Scalar eps, const Scalar* z, Scalar* mean, Scalar* s) {
+  constexpr int64_t kBlock = 64;
   const Scalar inv_rows = Scalar(1) / Scalar(rows);
-  std::vector<Scalar> mean(ch), var(ch);
-  channel_sums(rows, ch, z, static_cast<const Scalar*>(nullptr), mean.data());
+  channel_sums(rows, ch, z, static_cast<const Scalar*>(nullptr), mean);
   for (int64_t c = 0; c < ch; ++c) mean[c] *= inv_rows;
-  for (int64_t r = 0; r < rows; ++r) {  // centre first: the two-pass variance is exact
-    const Scalar* zr = z + r * ch;
-    Scalar* xr = xhat + r * ch;
+  std::vector<Scalar> part(ch), var(ch, Scalar(0));
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c = 0; c < ch; ++c) part[c] = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const Scalar* zr = z + r * ch;
 #pragma omp simd
-    for (int64_t c = 0; c < ch; ++c) xr[c] = zr[c] - mean[c];
-  }
-  channel_sums(rows, ch, static_cast<const Scalar*>(xhat), xhat, var.data());
-  for (int64_t c = 0; c < ch; ++c) s[c] = std::sqrt(var[c] * inv_rows + eps);
-  std::vector<Scalar> inv_s(ch);
-  for (int64_t c = 0; c < ch; ++c) inv_s[c] = Scalar(1) / s[c];
-  for (int64_t r = 0; r < rows; ++r) {
-    Scalar* xr = xhat + r * ch;
-    Scalar* yr = y + r * ch;
-#pragma omp simd
-    for (int64_t c = 0; c < ch; ++c) {
-      xr[c] *= inv_s[c];
-      yr[c] = gamma[c] * xr[c] + beta[c];
+      for (int64_t c = 0; c < ch; ++c) {
+        const Scalar d = zr[c] - mean[c];
+        part[c] += d * d;
+      }
     }
+    for (int64_t c = 0; c < ch; ++c) var[c] += part[c];
   }
-}
-
-// dz from dy (they may alias); the affine gradients into grad_gamma / grad_beta when given.
-template <typename Scalar>
-void bn_backward(int64_t rows, int64_t ch, const Scalar* dy, const Scalar* xhat, const Scalar* s,
-                 const Scalar* gamma, Scalar* dz, Scalar* grad_gamma, Scalar* grad_beta) {
-  const Scalar inv_rows = Scalar(1) / Scalar(rows);
-  std::vector<Scalar> sum_dy(ch), sum_dyx(ch), scale(ch);
-  channel_sums(rows, ch, dy, static_cast<const Scalar*>(nullptr), sum_dy.data());
-  channel_sums(rows, ch, dy, xhat, sum_dyx.data());
-  for (int64_t c = 0; c < ch; ++c) {
-    if (grad_gamma) grad_gamma[c] = sum_dyx[c];
-    if (grad_beta) grad_beta[c] = sum_dy[c];
-    sum_dy[c] *= inv_rows;
-    sum_dyx[c] *= inv_rows;
-    scale[c] = gamma[c] / s[c];
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const Scalar* dyr = dy + r * ch;
-    const Scalar* xr = xhat + r * ch;
-    Scalar* dzr = dz + r * ch;
-#pragma omp simd
-    for (int64_t c = 0; c < ch; ++c) dzr[c] = scale[c] * (dyr[c] - sum_dy[c] - xr[c] * sum_dyx[c]);
-  }
+  for (int64_t c = 0; c < ch; ++c) s[c] = std::sqrt(var[c] * inv_rows + eps);
 }
 
 // R{xhat} (in place over R{z}), R{s} and R{y}.
@@ -233,43 +229,72 @@ void bn_r_backward(int64_t rows, int64_t ch, const Scalar* dy, const Scalar* rdy
 }
 
 // ---------------------------------------------------------------------------------------------
-// ReLU + max-pool 2x2. y: [samples, h, w, ch]; pooled: [samples, ph, pw, ch]; arg: the
-// window position (0..3, row-major) of each pooled value's first maximum.
+// Batch norm's normalisation, ReLU and max-pool 2x2, fused. Maps are [samples, h, w, ch];
+// pooled: [samples, ph, pw, ch]; arg: the window position (0..3, row-major) of each pooled
+// value's first maximum of y = gamma xhat + beta. y itself is never stored: the ReLU
+// passes a window's value exactly when its pooled value is positive, so the backward
+// passes route by `pooled > 0`.
 // ---------------------------------------------------------------------------------------------
 namespace detail {
 // Offset (in pixels) of window position a's pixel from the window's top-left one.
 inline int64_t window_offset(int a, int64_t w) { return (a >> 1) * w + (a & 1); }
 }  // namespace detail
 
+// z (the convolution's output, normalised in place into xhat) -> arg, pooled; s gets the
+// batch-norm scale.
 template <typename Scalar>
-void relu_pool_forward(const ConvBlockLayout& b, int64_t samples, const Scalar* y, uint8_t* arg,
-                       Scalar* pooled) {
-  const int64_t ch = b.ch;
-  for (int64_t n = 0; n < samples; ++n)
-    for (int64_t i = 0; i < b.ph; ++i)
+void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps, Scalar* xhat,
+                          const Scalar* gamma, const Scalar* beta, Scalar* s, uint8_t* arg,
+                          Scalar* pooled) {
+  const int64_t ch = b.ch, rows = samples * b.h * b.w;
+  std::vector<Scalar> mean(ch), inv_s(ch);
+  bn_statistics(rows, ch, eps, xhat, mean.data(), s);
+  for (int64_t c = 0; c < ch; ++c) inv_s[c] = Scalar(1) / s[c];
+  const Scalar* m = mean.data();
+  const Scalar* is = inv_s.data();
+  const auto normalise = [&](Scalar* px) {
+#pragma omp simd
+    for (int64_t c = 0; c < ch; ++c) px[c] = (px[c] - m[c]) * is[c];
+  };
+  for (int64_t n = 0; n < samples; ++n) {
+    Scalar* map = xhat + n * b.h * b.w * ch;
+    for (int64_t i = 0; i < b.ph; ++i) {
       for (int64_t j = 0; j < b.pw; ++j) {
-        const Scalar* corner = y + ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        Scalar* corner = map + (2 * i * b.w + 2 * j) * ch;
+        Scalar* p[4];
+        for (int a = 0; a < 4; ++a) {
+          p[a] = corner + detail::window_offset(a, b.w) * ch;
+          normalise(p[a]);
+        }
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
-        const Scalar* p[4];
-        for (int a = 0; a < 4; ++a) p[a] = corner + detail::window_offset(a, b.w) * ch;
 #pragma omp simd
         for (int64_t c = 0; c < ch; ++c) {
-          Scalar best = p[0][c];
+          Scalar best = gamma[c] * p[0][c] + beta[c];
           uint8_t where = 0;
-          for (int a = 1; a < 4; ++a)
-            if (p[a][c] > best) {
-              best = p[a][c];
+          for (int a = 1; a < 4; ++a) {
+            const Scalar y = gamma[c] * p[a][c] + beta[c];
+            if (y > best) {
+              best = y;
               where = static_cast<uint8_t>(a);
             }
+          }
           arg[out + c] = where;
           pooled[out + c] = best > Scalar(0) ? best : Scalar(0);
         }
       }
+      if (b.w & 1) {  // the odd last column: normalised, never pooled
+        normalise(map + (2 * i * b.w + b.w - 1) * ch);
+        normalise(map + ((2 * i + 1) * b.w + b.w - 1) * ch);
+      }
+    }
+    if (b.h & 1)  // the odd last row
+      for (int64_t j = 0; j < b.w; ++j) normalise(map + ((b.h - 1) * b.w + j) * ch);
+  }
 }
 
 // R{pooled} from R{y}: the same routes.
 template <typename Scalar>
-void relu_pool_r_forward(const ConvBlockLayout& b, int64_t samples, const Scalar* y,
+void relu_pool_r_forward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
                          const uint8_t* arg, const Scalar* ry, Scalar* rpooled) {
   const int64_t ch = b.ch;
   for (int64_t n = 0; n < samples; ++n)
@@ -279,15 +304,15 @@ void relu_pool_r_forward(const ConvBlockLayout& b, int64_t samples, const Scalar
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
         for (int64_t c = 0; c < ch; ++c) {
           const int64_t at = corner + detail::window_offset(arg[out + c], b.w) * ch + c;
-          rpooled[out + c] = y[at] > Scalar(0) ? ry[at] : Scalar(0);
+          rpooled[out + c] = pooled[out + c] > Scalar(0) ? ry[at] : Scalar(0);
         }
       }
 }
 
 // dy from d(pooled) (also R{dy} from R{d(pooled)}: the routes are the same): each pooled
-// gradient goes to its arg-max when that value is positive; every other entry is zero.
+// gradient goes to its arg-max when the pooled value is positive; every other entry is zero.
 template <typename Scalar>
-void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* y,
+void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
                         const uint8_t* arg, const Scalar* dpooled, Scalar* dy) {
   const int64_t ch = b.ch;
   std::memset(dy, 0, sizeof(Scalar) * samples * b.h * b.w * ch);
@@ -298,8 +323,64 @@ void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar*
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
         for (int64_t c = 0; c < ch; ++c) {
           const int64_t at = corner + detail::window_offset(arg[out + c], b.w) * ch + c;
-          dy[at] = y[at] > Scalar(0) ? dpooled[out + c] : Scalar(0);
+          if (pooled[out + c] > Scalar(0)) dy[at] = dpooled[out + c];
         }
+      }
+}
+
+// relu_pool_backward then bn_backward, fused, when dy itself is not needed afterwards:
+// dz = (g / s) (dy - m(dy) - xhat m(dy xhat)) with dy nonzero only at the routes, so the
+// two means are sums over the pooled values, and dz is written in one dense pass plus
+// the routed entries.
+template <typename Scalar>
+void pool_bn_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
+                      const uint8_t* arg, const Scalar* dpooled, const Scalar* xhat,
+                      const Scalar* s, const Scalar* gamma, Scalar* dz, Scalar* grad_gamma,
+                      Scalar* grad_beta) {
+  const int64_t ch = b.ch, rows = samples * b.h * b.w;
+  const Scalar inv_rows = Scalar(1) / Scalar(rows);
+  std::vector<Scalar> sum_dy(ch, Scalar(0)), sum_dyx(ch, Scalar(0)), part(ch), partx(ch),
+      scale(ch), base(ch);
+  for (int64_t n = 0; n < samples; ++n)  // per-sample partial sums, added in order
+    for (int64_t i = 0; i < b.ph; ++i) {
+      for (int64_t c = 0; c < ch; ++c) part[c] = partx[c] = 0;
+      for (int64_t j = 0; j < b.pw; ++j) {
+        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
+        for (int64_t c = 0; c < ch; ++c) {
+          if (!(pooled[out + c] > Scalar(0))) continue;
+          const Scalar d = dpooled[out + c];
+          part[c] += d;
+          partx[c] += d * xhat[corner + detail::window_offset(arg[out + c], b.w) * ch + c];
+        }
+      }
+      for (int64_t c = 0; c < ch; ++c) {
+        sum_dy[c] += part[c];
+        sum_dyx[c] += partx[c];
+      }
+    }
+  for (int64_t c = 0; c < ch; ++c) {
+    if (grad_gamma) grad_gamma[c] = sum_dyx[c];
+    if (grad_beta) grad_beta[c] = sum_dy[c];
+    scale[c] = gamma[c] / s[c];
+    base[c] = sum_dy[c] * inv_rows;
+    sum_dyx[c] *= inv_rows;
+  }
+  const Scalar *sc = scale.data(), *bs = base.data(), *mx = sum_dyx.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const Scalar* xr = xhat + r * ch;
+    Scalar* dzr = dz + r * ch;
+#pragma omp simd
+    for (int64_t c = 0; c < ch; ++c) dzr[c] = -sc[c] * (bs[c] + xr[c] * mx[c]);
+  }
+  for (int64_t n = 0; n < samples; ++n)
+    for (int64_t i = 0; i < b.ph; ++i)
+      for (int64_t j = 0; j < b.pw; ++j) {
+        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
+        for (int64_t c = 0; c < ch; ++c)
+          if (pooled[out + c] > Scalar(0))
+            dz[corner + detail::window_offset(arg[out + c], b.w) * ch + c] += sc[c] * dpooled[out + c];
       }
 }
 

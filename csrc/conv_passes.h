@@ -28,7 +28,6 @@ template <typename Scalar>
 struct BlockBuffers {
   const Scalar* x = nullptr;  // input [samples, h, w, in_ch]: the images or the last pooled map
   Scalar* xhat = nullptr;     // [M, ch]: normalised convolution output
-  Scalar* y = nullptr;        // [M, ch]: batch-norm output (before the ReLU)
   Scalar* s = nullptr;        // [ch]: batch-norm scale sqrt(var + eps)
   uint8_t* arg = nullptr;     // [samples, ph, pw, ch]: pooling arg-max
   Scalar* pooled = nullptr;   // [samples, ph, pw, ch]: the next block's input
@@ -137,8 +136,8 @@ void body_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     const DotOperand<Scalar> op{scratch.col, b.k_pad, p + b.weight, b.k_pad};
     dot_blocked<Scalar>(rows, b.ch, b.k, b.k_pad, &op, 1, b.bias >= 0 ? p + b.bias : nullptr, bb.xhat,
                         b.ch);
-    bn_forward(rows, b.ch, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.xhat, bb.s, bb.y);
-    relu_pool_forward(b, n, bb.y, bb.arg, bb.pooled);
+    bn_relu_pool_forward(b, n, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.s, bb.arg,
+                         bb.pooled);
   }
   detail::to_features(layout.head, n, buf.blocks.back().pooled, buf.feat);
 }
@@ -188,9 +187,12 @@ void body_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
     const int64_t rows = n * b.h * b.w;
-    relu_pool_backward(b, n, bb.y, bb.arg, bb.dpooled, bb.dy);
-    bn_backward(rows, b.ch, bb.dy, bb.xhat, bb.s, p + b.gamma, bb.dz,
-                grad ? grad + b.gamma : nullptr, grad ? grad + b.beta : nullptr);
+    Scalar* grad_gamma = grad ? grad + b.gamma : nullptr;
+    Scalar* grad_beta = grad ? grad + b.beta : nullptr;
+    pool_bn_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.xhat, bb.s, p + b.gamma, bb.dz,
+                     grad_gamma, grad_beta);
+    // The R-backward reads dy itself (when it has its own buffer; else dz took its place).
+    if (bb.dz != bb.dy) relu_pool_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.dy);
     if (grad) {  // grad W = dz^T col: dz read transposed, in place
       im2col(b, n, bb.x, scratch.col);
       const AxpyOperand<Scalar> op{bb.dz, 1, b.ch, scratch.col, b.k_pad};
@@ -231,7 +233,7 @@ void conv_r_forward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sca
                         b.bias >= 0 ? u + b.bias : nullptr, bb.rxhat, b.ch);  // R{z}, normalised next
     bn_r_forward(rows, b.ch, bb.xhat, bb.s, p + b.gamma, u + b.gamma, u + b.beta, bb.rxhat, bb.rs,
                  bb.ry);
-    relu_pool_r_forward(b, n, bb.y, bb.arg, bb.ry, bb.rpooled);
+    relu_pool_r_forward(b, n, bb.pooled, bb.arg, bb.ry, bb.rpooled);
   }
   const HeadLayout& h = layout.head;
   detail::to_features(h, n, buf.blocks.back().rpooled, buf.rfeat);
@@ -264,7 +266,7 @@ void conv_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sc
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
     const int64_t rows = n * b.h * b.w;
-    relu_pool_backward(b, n, bb.y, bb.arg, bb.rdpooled, bb.rdy);
+    relu_pool_backward(b, n, bb.pooled, bb.arg, bb.rdpooled, bb.rdy);
     bn_r_backward(rows, b.ch, bb.dy, bb.rdy, bb.xhat, bb.rxhat, bb.s, bb.rs, p + b.gamma,
                   u + b.gamma, bb.rdz, hu + b.gamma, hu + b.beta);
     im2col(b, n, bb.x, scratch.col);
