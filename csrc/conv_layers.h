@@ -64,76 +64,72 @@ void channel_sums(int64_t rows, int64_t ch, const Scalar* a, const Scalar* b, Sc
 }
 
 // ---------------------------------------------------------------------------------------------
-// im2col: row (n, i, j) of col holds the 3x3 neighbourhood of pixel (i, j) of sample n,
-// as (kh, kw, c) with zeros outside the image, then zeros up to k_pad.
+// im2col: row r = (n, i, j) of col holds the 3x3 neighbourhood of pixel (i, j) of sample n,
+// as (kh, kw, c) with zeros outside the image, then zeros up to k_pad. Built for a range of
+// rows [r0, r1) at a time (col points at row r0's), so the products take it in pieces
+// that stay in cache instead of a matrix nine times the size of the map.
 // ---------------------------------------------------------------------------------------------
 template <typename Scalar>
-void im2col(const ConvBlockLayout& b, int64_t samples, const Scalar* x, Scalar* col) {
+void im2col(const ConvBlockLayout& b, const Scalar* x, int64_t r0, int64_t r1, Scalar* col) {
   const int64_t c = b.in_ch;
-  if (c < 8) {  // narrow inputs (the images): element by element, no calls per tap
-    for (int64_t n = 0; n < samples; ++n)
-      for (int64_t i = 0; i < b.h; ++i)
-        for (int64_t j = 0; j < b.w; ++j) {
-          Scalar* row = col + ((n * b.h + i) * b.w + j) * b.k_pad;
-          for (int64_t kh = 0; kh < 3; ++kh) {
-            const int64_t ii = i + kh - 1;
-            const bool row_in = ii >= 0 && ii < b.h;
-            for (int64_t kw = 0; kw < 3; ++kw) {
-              const int64_t jj = j + kw - 1;
-              Scalar* dst = row + (kh * 3 + kw) * c;
-              if (row_in && jj >= 0 && jj < b.w) {
-                const Scalar* src = x + ((n * b.h + ii) * b.w + jj) * c;
-                for (int64_t k = 0; k < c; ++k) dst[k] = src[k];
-              } else {
-                for (int64_t k = 0; k < c; ++k) dst[k] = Scalar(0);
-              }
-            }
-          }
-          for (int64_t k = b.k; k < b.k_pad; ++k) row[k] = Scalar(0);
+  int64_t j = r0 % b.w, i = (r0 / b.w) % b.h, n = r0 / (b.w * b.h);
+  for (int64_t r = r0; r < r1; ++r) {
+    Scalar* row = col + (r - r0) * b.k_pad;
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t ii = i + kh - 1;
+      const bool row_in = ii >= 0 && ii < b.h;
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const int64_t jj = j + kw - 1;
+        Scalar* dst = row + (kh * 3 + kw) * c;
+        if (row_in && jj >= 0 && jj < b.w) {
+          const Scalar* src = x + ((n * b.h + ii) * b.w + jj) * c;
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) dst[k] = src[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) dst[k] = Scalar(0);
         }
-    return;
-  }
-  for (int64_t n = 0; n < samples; ++n)
-    for (int64_t i = 0; i < b.h; ++i)
-      for (int64_t j = 0; j < b.w; ++j) {
-        Scalar* row = col + ((n * b.h + i) * b.w + j) * b.k_pad;
-        for (int64_t kh = 0; kh < 3; ++kh) {
-          const int64_t ii = i + kh - 1;
-          for (int64_t kw = 0; kw < 3; ++kw) {
-            const int64_t jj = j + kw - 1;
-            Scalar* dst = row + (kh * 3 + kw) * c;
-            if (ii < 0 || ii >= b.h || jj < 0 || jj >= b.w)
-              std::memset(dst, 0, sizeof(Scalar) * c);
-            else
-              std::memcpy(dst, x + ((n * b.h + ii) * b.w + jj) * c, sizeof(Scalar) * c);
-          }
-        }
-        std::memset(row + b.k, 0, sizeof(Scalar) * (b.k_pad - b.k));
       }
+    }
+    for (int64_t k = b.k; k < b.k_pad; ++k) row[k] = Scalar(0);
+    if (++j == b.w) {
+      j = 0;
+      if (++i == b.h) {
+        i = 0;
+        ++n;
+      }
+    }
+  }
 }
 
-// The adjoint of im2col: dx[n, i, j, :] = sum of every col entry that copied it.
+// The adjoint of im2col for rows [r0, r1): dx[n, i, j, :] += every col entry that copied
+// it (dx is zeroed by the caller before the first range).
 template <typename Scalar>
-void col2im(const ConvBlockLayout& b, int64_t samples, const Scalar* col, Scalar* dx) {
+void col2im(const ConvBlockLayout& b, const Scalar* col, int64_t r0, int64_t r1, Scalar* dx) {
   const int64_t c = b.in_ch;
-  std::memset(dx, 0, sizeof(Scalar) * samples * b.h * b.w * c);
-  for (int64_t n = 0; n < samples; ++n)
-    for (int64_t i = 0; i < b.h; ++i)
-      for (int64_t j = 0; j < b.w; ++j) {
-        const Scalar* row = col + ((n * b.h + i) * b.w + j) * b.k_pad;
-        for (int64_t kh = 0; kh < 3; ++kh) {
-          const int64_t ii = i + kh - 1;
-          if (ii < 0 || ii >= b.h) continue;
-          for (int64_t kw = 0; kw < 3; ++kw) {
-            const int64_t jj = j + kw - 1;
-            if (jj < 0 || jj >= b.w) continue;
-            const Scalar* src = row + (kh * 3 + kw) * c;
-            Scalar* dst = dx + ((n * b.h + ii) * b.w + jj) * c;
+  int64_t j = r0 % b.w, i = (r0 / b.w) % b.h, n = r0 / (b.w * b.h);
+  for (int64_t r = r0; r < r1; ++r) {
+    const Scalar* row = col + (r - r0) * b.k_pad;
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t ii = i + kh - 1;
+      if (ii < 0 || ii >= b.h) continue;
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const int64_t jj = j + kw - 1;
+        if (jj < 0 || jj >= b.w) continue;
+        const Scalar* src = row + (kh * 3 + kw) * c;
+        Scalar* dst = dx + ((n * b.h + ii) * b.w + jj) * c;
 #pragma omp simd
-            for (int64_t k = 0; k < c; ++k) dst[k] += src[k];
-          }
-        }
+        for (int64_t k = 0; k < c; ++k) dst[k] += src[k];
       }
+    }
+    if (++j == b.w) {
+      j = 0;
+      if (++i == b.h) {
+        i = 0;
+        ++n;
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 //   R-forward   R{z} = col(R{x}) W^T + col U^T + u_b
 //   R-backward  (H u)_W = R{dz}^T col + dz^T col(R{x}),  R{d col} = R{dz} W + dz U
 // The head is the same with x = the flattened last map. R{x} of the images is zero.
-// im2col rows are rebuilt whenever a product needs them (they are the largest buffers).
+// im2col rows are rebuilt, a cache-sized piece at a time, whenever a product needs them.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -50,7 +50,7 @@ struct ConvPassBuffers {
   Scalar *rfeat = nullptr, *rout = nullptr, *rdout = nullptr, *rdfeat = nullptr;
 };
 
-// im2col rows, shared by every pass of one thread (one task at a time).
+// Pieces of im2col matrices (kColRows rows each), shared by every pass of one thread.
 template <typename Scalar>
 struct ConvScratch {
   Scalar* col = nullptr;   // col(x)
@@ -58,36 +58,61 @@ struct ConvScratch {
   Scalar* dcol = nullptr;  // d col, R{d col}
 };
 
-// The convolutions' products are large (tens of thousands of im2col rows): the kernels of
-// small_gemm.h stream one operand past every output tile, so they get it in pieces small
-// enough to stay in cache. (Splitting the depth changes the order of the sums, not their
+// The convolutions' products are large (tens of thousands of im2col rows). Their im2col
+// matrices are built kColRows rows at a time and consumed at once, so they stay in cache
+// (never a matrix nine times the map); inside a piece, the forward product runs in row
+// blocks of kRowBlock so the kernels of small_gemm.h stream an operand that stays in cache.
+// (Splitting the depth of the weight gradients changes the order of the sums, not their
 // determinism.)
-constexpr int64_t kRowBlock = 64, kDepthBlock = 128;
+constexpr int64_t kColRows = 128, kRowBlock = 64;
 
-// gemm_dot over blocks of rows of C (the operands' A rows shift with them).
+// out = col(x) W^T [+ col(x2) W2^T] + bias (x2 may be null), rows of b.ch.
 template <typename Scalar>
-void dot_blocked(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
-                 const DotOperand<Scalar>* ops, int num_ops, const Scalar* bias, Scalar* c,
-                 int64_t ldc) {
-  DotOperand<Scalar> part[2];
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    for (int p = 0; p < num_ops; ++p) part[p] = {ops[p].a + r0 * ops[p].lda, ops[p].lda, ops[p].b, ops[p].ldb};
-    gemm_dot<Scalar>(std::min(kRowBlock, rows - r0), cols, depth, depth_padded, part, num_ops, bias,
-                     c + r0 * ldc, ldc);
+void conv_apply(const ConvBlockLayout& b, int64_t rows, const Scalar* x, const Scalar* w,
+                const Scalar* x2, const Scalar* w2, const Scalar* bias,
+                const ConvScratch<Scalar>& scratch, Scalar* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kColRows) {
+    const int64_t m = std::min(kColRows, rows - r0);
+    im2col(b, x, r0, r0 + m, scratch.col);
+    if (x2) im2col(b, x2, r0, r0 + m, scratch.rcol);
+    for (int64_t q = 0; q < m; q += kRowBlock) {
+      const DotOperand<Scalar> ops[2] = {{scratch.col + q * b.k_pad, b.k_pad, w, b.k_pad},
+                                         {scratch.rcol + q * b.k_pad, b.k_pad, w2, b.k_pad}};
+      gemm_dot<Scalar>(std::min(kRowBlock, m - q), b.ch, b.k, b.k_pad, ops, x2 ? 2 : 1, bias,
+                       out + (r0 + q) * b.ch, b.ch);
+    }
   }
 }
 
-// C = sum over the depth of gemm_axpy's products, in blocks of the depth accumulated into C.
+// grad = d^T col(x) [+ d2^T col(x2)] ([ch, k_pad]; d rows of b.ch), over the rows in
+// pieces of kColRows accumulated into grad.
 template <typename Scalar>
-void axpy_depth_blocked(int64_t rows, int64_t cols_padded, int64_t depth,
-                        const AxpyOperand<Scalar>* ops, int num_ops, Scalar* c, int64_t ldc) {
-  AxpyOperand<Scalar> part[2];
-  for (int64_t d0 = 0; d0 < depth; d0 += kDepthBlock) {
-    for (int p = 0; p < num_ops; ++p)
-      part[p] = {ops[p].a + d0 * ops[p].a_depth, ops[p].a_row, ops[p].a_depth,
-                 ops[p].b + d0 * ops[p].ldb, ops[p].ldb};
-    gemm_axpy<Scalar>(rows, cols_padded, std::min(kDepthBlock, depth - d0), part, num_ops,
-                      Scalar(1), d0 == 0 ? nullptr : c, ldc, c, ldc);
+void conv_weight_grad(const ConvBlockLayout& b, int64_t rows, const Scalar* d, const Scalar* x,
+                      const Scalar* d2, const Scalar* x2, const ConvScratch<Scalar>& scratch,
+                      Scalar* grad) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kColRows) {
+    const int64_t m = std::min(kColRows, rows - r0);
+    im2col(b, x, r0, r0 + m, scratch.col);
+    if (x2) im2col(b, x2, r0, r0 + m, scratch.rcol);
+    const AxpyOperand<Scalar> ops[2] = {{d + r0 * b.ch, 1, b.ch, scratch.col, b.k_pad},
+                                        {d2 + r0 * b.ch, 1, b.ch, scratch.rcol, b.k_pad}};
+    gemm_axpy<Scalar>(b.ch, b.k_pad, m, ops, x2 ? 2 : 1, Scalar(1), r0 == 0 ? nullptr : grad,
+                      b.k_pad, grad, b.k_pad);
+  }
+}
+
+// dx = col2im(d W [+ d2 W2]) (dx: the block's input map, overwritten).
+template <typename Scalar>
+void conv_input_grad(const ConvBlockLayout& b, int64_t rows, const Scalar* d, const Scalar* w,
+                     const Scalar* d2, const Scalar* w2, const ConvScratch<Scalar>& scratch,
+                     Scalar* dx) {
+  std::memset(dx, 0, sizeof(Scalar) * rows * b.in_ch);
+  for (int64_t r0 = 0; r0 < rows; r0 += kColRows) {
+    const int64_t m = std::min(kColRows, rows - r0);
+    const AxpyOperand<Scalar> ops[2] = {{d + r0 * b.ch, b.ch, 1, w, b.k_pad},
+                                        {d2 + r0 * b.ch, b.ch, 1, w2, b.k_pad}};
+    gemm_axpy<Scalar>(m, b.k_pad, b.ch, ops, d2 ? 2 : 1, Scalar(1), nullptr, 0, scratch.dcol, b.k_pad);
+    col2im(b, scratch.dcol, r0, r0 + m, dx);
   }
 }
 
@@ -132,10 +157,8 @@ void body_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
     const int64_t rows = n * b.h * b.w;
-    im2col(b, n, bb.x, scratch.col);
-    const DotOperand<Scalar> op{scratch.col, b.k_pad, p + b.weight, b.k_pad};
-    dot_blocked<Scalar>(rows, b.ch, b.k, b.k_pad, &op, 1, b.bias >= 0 ? p + b.bias : nullptr, bb.xhat,
-                        b.ch);
+    conv_apply<Scalar>(b, rows, bb.x, p + b.weight, nullptr, nullptr,
+                       b.bias >= 0 ? p + b.bias : nullptr, scratch, bb.xhat);
     bn_relu_pool_forward(b, n, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.s, bb.arg,
                          bb.pooled);
   }
@@ -194,16 +217,12 @@ void body_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     // The R-backward reads dy itself (when it has its own buffer; else dz took its place).
     if (bb.dz != bb.dy) relu_pool_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.dy);
     if (grad) {  // grad W = dz^T col: dz read transposed, in place
-      im2col(b, n, bb.x, scratch.col);
-      const AxpyOperand<Scalar> op{bb.dz, 1, b.ch, scratch.col, b.k_pad};
-      axpy_depth_blocked<Scalar>(b.ch, b.k_pad, rows, &op, 1, grad + b.weight, b.k_pad);
+      conv_weight_grad<Scalar>(b, rows, bb.dz, bb.x, nullptr, nullptr, scratch, grad + b.weight);
       if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.dz, b.ch, Scalar(1), nullptr, grad + b.bias);
     }
-    if (i > 0) {  // dx = col2im(dz W)
-      const AxpyOperand<Scalar> op{bb.dz, b.ch, 1, p + b.weight, b.k_pad};
-      gemm_axpy<Scalar>(rows, b.k_pad, b.ch, &op, 1, Scalar(1), nullptr, 0, scratch.dcol, b.k_pad);
-      col2im(b, n, scratch.dcol, buf.blocks[i - 1].dpooled);
-    }
+    if (i > 0)  // dx = col2im(dz W)
+      conv_input_grad<Scalar>(b, rows, bb.dz, p + b.weight, nullptr, nullptr, scratch,
+                              buf.blocks[i - 1].dpooled);
   }
 }
 
@@ -225,12 +244,8 @@ void conv_r_forward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sca
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
     const int64_t rows = n * b.h * b.w;
-    im2col(b, n, bb.x, scratch.col);
-    if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
-    const DotOperand<Scalar> ops[2] = {{scratch.col, b.k_pad, u + b.weight, b.k_pad},
-                                       {scratch.rcol, b.k_pad, p + b.weight, b.k_pad}};
-    dot_blocked<Scalar>(rows, b.ch, b.k, b.k_pad, ops, i > 0 ? 2 : 1,
-                        b.bias >= 0 ? u + b.bias : nullptr, bb.rxhat, b.ch);  // R{z}, normalised next
+    conv_apply<Scalar>(b, rows, bb.x, u + b.weight, i > 0 ? bb.rx : nullptr, p + b.weight,
+                       b.bias >= 0 ? u + b.bias : nullptr, scratch, bb.rxhat);  // R{z}, normalised next
     bn_r_forward(rows, b.ch, bb.xhat, bb.s, p + b.gamma, u + b.gamma, u + b.beta, bb.rxhat, bb.rs,
                  bb.ry);
     relu_pool_r_forward(b, n, bb.pooled, bb.arg, bb.ry, bb.rpooled);
@@ -269,18 +284,12 @@ void conv_r_backward(const ConvLayout<Scalar>& layout, const Scalar* p, const Sc
     relu_pool_backward(b, n, bb.pooled, bb.arg, bb.rdpooled, bb.rdy);
     bn_r_backward(rows, b.ch, bb.dy, bb.rdy, bb.xhat, bb.rxhat, bb.s, bb.rs, p + b.gamma,
                   u + b.gamma, bb.rdz, hu + b.gamma, hu + b.beta);
-    im2col(b, n, bb.x, scratch.col);
-    if (i > 0) im2col(b, n, bb.rx, scratch.rcol);
-    const AxpyOperand<Scalar> ops[2] = {{bb.rdz, 1, b.ch, scratch.col, b.k_pad},
-                                        {bb.dz, 1, b.ch, scratch.rcol, b.k_pad}};
-    axpy_depth_blocked<Scalar>(b.ch, b.k_pad, rows, ops, i > 0 ? 2 : 1, hu + b.weight, b.k_pad);
+    conv_weight_grad<Scalar>(b, rows, bb.rdz, bb.x, i > 0 ? bb.dz : nullptr,
+                             i > 0 ? bb.rx : nullptr, scratch, hu + b.weight);
     if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.rdz, b.ch, Scalar(1), nullptr, hu + b.bias);
-    if (i > 0) {  // R{dx} = col2im(R{dz} W + dz U)
-      const AxpyOperand<Scalar> dops[2] = {{bb.rdz, b.ch, 1, p + b.weight, b.k_pad},
-                                           {bb.dz, b.ch, 1, u + b.weight, b.k_pad}};
-      gemm_axpy<Scalar>(rows, b.k_pad, b.ch, dops, 2, Scalar(1), nullptr, 0, scratch.dcol, b.k_pad);
-      col2im(b, n, scratch.dcol, buf.blocks[i - 1].rdpooled);
-    }
+    if (i > 0)  // R{dx} = col2im(R{dz} W + dz U)
+      conv_input_grad<Scalar>(b, rows, bb.rdz, p + b.weight, bb.dz, u + b.weight, scratch,
+                              buf.blocks[i - 1].rdpooled);
   }
 }
 
