@@ -326,8 +326,7 @@ void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar*
 
 // relu_pool_backward then bn_backward, fused, when dy itself is not needed afterwards:
 // dz = (g / s) (dy - m(dy) - xhat m(dy xhat)) with dy nonzero only at the routes, so the
-// two means are sums over the pooled values, and dz is written in one dense pass plus
-// the routed entries.
+// two means are sums over the pooled values, and dz is written in one pass.
 template <typename Scalar>
 void pool_bn_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
                       const uint8_t* arg, const Scalar* dpooled, const Scalar* xhat,
@@ -337,22 +336,35 @@ void pool_bn_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* p
   const Scalar inv_rows = Scalar(1) / Scalar(rows);
   std::vector<Scalar> sum_dy(ch, Scalar(0)), sum_dyx(ch, Scalar(0)), part(ch), partx(ch),
       scale(ch), base(ch);
-  for (int64_t n = 0; n < samples; ++n)  // per-sample partial sums, added in order
+  // Per-row-of-windows partial sums, added in order. Each window's routed value is picked
+  // from its four pixels by arg (branch-free, so the loops over channels vectorise).
+  for (int64_t n = 0; n < samples; ++n)
     for (int64_t i = 0; i < b.ph; ++i) {
-      for (int64_t c = 0; c < ch; ++c) part[c] = partx[c] = 0;
+      Scalar* pt = part.data();
+      Scalar* px = partx.data();
+      for (int64_t c = 0; c < ch; ++c) pt[c] = px[c] = 0;
       for (int64_t j = 0; j < b.pw; ++j) {
-        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const Scalar* corner = xhat + ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const Scalar* x0 = corner;
+        const Scalar* x1 = corner + ch;
+        const Scalar* x2 = corner + b.w * ch;
+        const Scalar* x3 = x2 + ch;
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
+        const Scalar* pl = pooled + out;
+        const Scalar* dp = dpooled + out;
+        const uint8_t* ar = arg + out;
+#pragma omp simd
         for (int64_t c = 0; c < ch; ++c) {
-          if (!(pooled[out + c] > Scalar(0))) continue;
-          const Scalar d = dpooled[out + c];
-          part[c] += d;
-          partx[c] += d * xhat[corner + detail::window_offset(arg[out + c], b.w) * ch + c];
+          const Scalar d = pl[c] > Scalar(0) ? dp[c] : Scalar(0);
+          const int a = ar[c];
+          const Scalar x = a == 0 ? x0[c] : a == 1 ? x1[c] : a == 2 ? x2[c] : x3[c];
+          pt[c] += d;
+          px[c] += d * x;
         }
       }
       for (int64_t c = 0; c < ch; ++c) {
-        sum_dy[c] += part[c];
-        sum_dyx[c] += partx[c];
+        sum_dy[c] += pt[c];
+        sum_dyx[c] += px[c];
       }
     }
   for (int64_t c = 0; c < ch; ++c) {
@@ -363,21 +375,41 @@ void pool_bn_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* p
     sum_dyx[c] *= inv_rows;
   }
   const Scalar *sc = scale.data(), *bs = base.data(), *mx = sum_dyx.data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const Scalar* xr = xhat + r * ch;
-    Scalar* dzr = dz + r * ch;
+  // dz = -(g/s) (m(dy) + xhat m(dy xhat)) everywhere, plus (g/s) dy on the routes: window
+  // by window, then the pixels no window covers (an odd last row or column).
+  const auto dense = [&](int64_t pixel) {
+    const Scalar* xr = xhat + pixel * ch;
+    Scalar* dzr = dz + pixel * ch;
 #pragma omp simd
     for (int64_t c = 0; c < ch; ++c) dzr[c] = -sc[c] * (bs[c] + xr[c] * mx[c]);
-  }
-  for (int64_t n = 0; n < samples; ++n)
-    for (int64_t i = 0; i < b.ph; ++i)
+  };
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t i = 0; i < b.ph; ++i) {
       for (int64_t j = 0; j < b.pw; ++j) {
-        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const int64_t corner = (n * b.h + 2 * i) * b.w + 2 * j;
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
-        for (int64_t c = 0; c < ch; ++c)
-          if (pooled[out + c] > Scalar(0))
-            dz[corner + detail::window_offset(arg[out + c], b.w) * ch + c] += sc[c] * dpooled[out + c];
+        const Scalar* pl = pooled + out;
+        const Scalar* dp = dpooled + out;
+        const uint8_t* ar = arg + out;
+        for (int a = 0; a < 4; ++a) {
+          const int64_t pixel = corner + detail::window_offset(a, b.w);
+          const Scalar* xr = xhat + pixel * ch;
+          Scalar* dzr = dz + pixel * ch;
+#pragma omp simd
+          for (int64_t c = 0; c < ch; ++c) {
+            const Scalar v = -sc[c] * (bs[c] + xr[c] * mx[c]);
+            dzr[c] = ar[c] == a && pl[c] > Scalar(0) ? v + sc[c] * dp[c] : v;
+          }
+        }
       }
+      if (b.w & 1) {
+        dense((n * b.h + 2 * i) * b.w + b.w - 1);
+        dense((n * b.h + 2 * i + 1) * b.w + b.w - 1);
+      }
+    }
+    if (b.h & 1)
+      for (int64_t j = 0; j < b.w; ++j) dense((n * b.h + b.h - 1) * b.w + j);
+  }
 }
 
 }  // namespace FASTMETA_ISA
