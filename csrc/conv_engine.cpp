@@ -63,8 +63,11 @@ class ConvMetaStep {
     lr_mean_ = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
     rows_ = need_grad_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
     lr_rows_ = meta_sgd_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
-    int64_t col = 0;  // the widest im2col piece any product builds
-    for (const ConvBlockLayout& b : layout_.blocks) col = std::max(col, kColRows * b.k_pad);
+    int64_t col = 0, wt = 0;  // the widest im2col piece any product builds; W^T
+    for (const ConvBlockLayout& b : layout_.blocks) {
+      col = std::max(col, kColRows * b.k_pad);
+      wt = std::max(wt, 2 * b.k * b.ch);
+    }
     const bool body_r = second_order_ && !anil_;  // R{.} through the blocks
     threads_.assign(num_threads_, ConvThreadWorkspace<Scalar>());
     for (ConvThreadWorkspace<Scalar>& w : threads_) {
@@ -72,6 +75,7 @@ class ConvMetaStep {
       if (!reptile_) carve_pass(c, w.query, args_.query, false, false);
       w.scratch.col = c.take<Scalar>(col);
       w.scratch.dcol = c.take<Scalar>(col);
+      w.scratch.wt = c.take<Scalar>(wt);
       w.scratch.rcol = body_r ? c.take<Scalar>(col) : nullptr;
       w.phi.clear();
       for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(pp));

@@ -56,6 +56,7 @@ struct ConvScratch {
   Scalar* col = nullptr;   // col(x)
   Scalar* rcol = nullptr;  // col(R{x})
   Scalar* dcol = nullptr;  // d col, R{d col}
+  Scalar* wt = nullptr;    // the forward's transposed weights (two)
 };
 
 // The convolutions' products are large (tens of thousands of im2col rows). Their im2col
@@ -66,15 +67,49 @@ struct ConvScratch {
 // determinism.)
 constexpr int64_t kColRows = 128, kRowBlock = 64;
 
+// Wt [k, ch] = W [ch, k_pad]^T (the first k columns).
+template <typename Scalar>
+void transpose_weight(const ConvBlockLayout& b, const Scalar* w, Scalar* wt) {
+  for (int64_t c = 0; c < b.ch; ++c)
+    for (int64_t kk = 0; kk < b.k; ++kk) wt[kk * b.ch + c] = w[c * b.k_pad + kk];
+}
+
+// The forward products run in axpy form (a broadcast im2col value times a row of W^T, no
+// horizontal sums) when the outputs fill whole vectors, over depth chunks of kDepthChunk
+// rows of W^T (small enough for L1), accumulated into the output.
+constexpr int64_t kDepthChunk = 96;
+
+template <typename Scalar>
+bool forward_by_axpy(const ConvBlockLayout& b) {
+  return b.ch % Simd<Scalar>::kLanes == 0;
+}
+
 // out = col(x) W^T [+ col(x2) W2^T] + bias (x2 may be null), rows of b.ch.
 template <typename Scalar>
 void conv_apply(const ConvBlockLayout& b, int64_t rows, const Scalar* x, const Scalar* w,
                 const Scalar* x2, const Scalar* w2, const Scalar* bias,
                 const ConvScratch<Scalar>& scratch, Scalar* out) {
+  const bool axpy = forward_by_axpy<Scalar>(b);
+  if (axpy) {
+    transpose_weight(b, w, scratch.wt);
+    if (x2) transpose_weight(b, w2, scratch.wt + b.k * b.ch);
+  }
   for (int64_t r0 = 0; r0 < rows; r0 += kColRows) {
     const int64_t m = std::min(kColRows, rows - r0);
     im2col(b, x, r0, r0 + m, scratch.col);
     if (x2) im2col(b, x2, r0, r0 + m, scratch.rcol);
+    if (axpy) {
+      Scalar* c = out + r0 * b.ch;
+      for (int64_t d0 = 0; d0 < b.k; d0 += kDepthChunk) {
+        const AxpyOperand<Scalar> ops[2] = {
+            {scratch.col + d0, b.k_pad, 1, scratch.wt + d0 * b.ch, b.ch},
+            {scratch.rcol + d0, b.k_pad, 1, scratch.wt + (b.k + d0) * b.ch, b.ch}};
+        const Scalar* addend = d0 > 0 ? c : bias;
+        gemm_axpy<Scalar>(m, b.ch, std::min(kDepthChunk, b.k - d0), ops, x2 ? 2 : 1, Scalar(1),
+                          addend, d0 > 0 ? b.ch : 0, c, b.ch);
+      }
+      continue;
+    }
     for (int64_t q = 0; q < m; q += kRowBlock) {
       const DotOperand<Scalar> ops[2] = {{scratch.col + q * b.k_pad, b.k_pad, w, b.k_pad},
                                          {scratch.rcol + q * b.k_pad, b.k_pad, w2, b.k_pad}};

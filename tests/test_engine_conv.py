@@ -86,6 +86,9 @@ CASES = [
     (3, 6, 9, 3, False, 3, 3, "second_order", "cross_entropy"),
     (1, 8, 28, 4, True, 3, 3, "first_order", "mse"),
     (3, 4, 17, 4, False, 1, 1, "first_order", "cross_entropy"),
+    # whole vectors of channels (16, 32): the forward products' axpy form
+    (1, 16, 20, 4, True, 2, 2, "second_order", "cross_entropy"),
+    (3, 32, 11, 3, False, 2, 1, "second_order", "mse"),
 ]
 
 
