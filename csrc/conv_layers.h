@@ -75,9 +75,22 @@ void im2col(const ConvBlockLayout& b, const Scalar* x, int64_t r0, int64_t r1, S
   int64_t j = r0 % b.w, i = (r0 / b.w) % b.h, n = r0 / (b.w * b.h);
   for (int64_t r = r0; r < r1; ++r) {
     Scalar* row = col + (r - r0) * b.k_pad;
+    const bool inner = j >= 1 && j + 1 < b.w;  // the three taps of a kernel row are adjacent
     for (int64_t kh = 0; kh < 3; ++kh) {
       const int64_t ii = i + kh - 1;
       const bool row_in = ii >= 0 && ii < b.h;
+      if (inner) {
+        Scalar* dst = row + kh * 3 * c;
+        if (row_in) {
+          const Scalar* src = x + ((n * b.h + ii) * b.w + j - 1) * c;
+#pragma omp simd
+          for (int64_t k = 0; k < 3 * c; ++k) dst[k] = src[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < 3 * c; ++k) dst[k] = Scalar(0);
+        }
+        continue;
+      }
       for (int64_t kw = 0; kw < 3; ++kw) {
         const int64_t jj = j + kw - 1;
         Scalar* dst = row + (kh * 3 + kw) * c;
