@@ -150,6 +150,7 @@ class ConvMetaStep {
       bb.s = c.take<Scalar>(b.ch);
       bb.arg = c.take<uint8_t>(pooled);
       bb.pooled = c.take<Scalar>(pooled);
+      bb.routed = c.take<Scalar>(pooled);
       bb.dpooled = c.take<Scalar>(pooled);
       bb.dy = c.take<Scalar>(map);
       bb.dz = body_r ? c.take<Scalar>(map) : bb.dy;  // the R-backward reads dy after dz

@@ -249,12 +249,13 @@ namespace detail {
 inline int64_t window_offset(int a, int64_t w) { return (a >> 1) * w + (a & 1); }
 }  // namespace detail
 
-// z (the convolution's output, normalised in place into xhat) -> arg, pooled; s gets the
-// batch-norm scale.
+// z (the convolution's output, normalised in place into xhat) -> arg, pooled, and routed
+// (the xhat each pooled value came from, for the backward's sums); s gets the batch-norm
+// scale.
 template <typename Scalar>
 void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps, Scalar* xhat,
                           const Scalar* gamma, const Scalar* beta, Scalar* s, uint8_t* arg,
-                          Scalar* pooled) {
+                          Scalar* pooled, Scalar* routed) {
   const int64_t ch = b.ch, rows = samples * b.h * b.w;
   std::vector<Scalar> mean(ch), inv_s(ch);
   bn_statistics(rows, ch, eps, xhat, mean.data(), s);
@@ -278,17 +279,19 @@ void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps,
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
 #pragma omp simd
         for (int64_t c = 0; c < ch; ++c) {
-          Scalar best = gamma[c] * p[0][c] + beta[c];
+          Scalar best = gamma[c] * p[0][c] + beta[c], best_x = p[0][c];
           uint8_t where = 0;
           for (int a = 1; a < 4; ++a) {
             const Scalar y = gamma[c] * p[a][c] + beta[c];
             if (y > best) {
               best = y;
+              best_x = p[a][c];
               where = static_cast<uint8_t>(a);
             }
           }
           arg[out + c] = where;
           pooled[out + c] = best > Scalar(0) ? best : Scalar(0);
+          routed[out + c] = best_x;
         }
       }
       if (b.w & 1) {  // the odd last column: normalised, never pooled
@@ -342,37 +345,30 @@ void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar*
 // two means are sums over the pooled values, and dz is written in one pass.
 template <typename Scalar>
 void pool_bn_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
-                      const uint8_t* arg, const Scalar* dpooled, const Scalar* xhat,
+                      const uint8_t* arg, const Scalar* dpooled, const Scalar* routed,
+                      const Scalar* xhat,
                       const Scalar* s, const Scalar* gamma, Scalar* dz, Scalar* grad_gamma,
                       Scalar* grad_beta) {
   const int64_t ch = b.ch, rows = samples * b.h * b.w;
   const Scalar inv_rows = Scalar(1) / Scalar(rows);
   std::vector<Scalar> sum_dy(ch, Scalar(0)), sum_dyx(ch, Scalar(0)), part(ch), partx(ch),
       scale(ch), base(ch);
-  // Per-row-of-windows partial sums, added in order. Each window's routed value is picked
-  // from its four pixels by arg (branch-free, so the loops over channels vectorise).
+  // Per-row-of-windows partial sums, added in order (pooled-sized arrays only).
   for (int64_t n = 0; n < samples; ++n)
     for (int64_t i = 0; i < b.ph; ++i) {
       Scalar* pt = part.data();
       Scalar* px = partx.data();
       for (int64_t c = 0; c < ch; ++c) pt[c] = px[c] = 0;
       for (int64_t j = 0; j < b.pw; ++j) {
-        const Scalar* corner = xhat + ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
-        const Scalar* x0 = corner;
-        const Scalar* x1 = corner + ch;
-        const Scalar* x2 = corner + b.w * ch;
-        const Scalar* x3 = x2 + ch;
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
         const Scalar* pl = pooled + out;
         const Scalar* dp = dpooled + out;
-        const uint8_t* ar = arg + out;
+        const Scalar* xr = routed + out;
 #pragma omp simd
         for (int64_t c = 0; c < ch; ++c) {
           const Scalar d = pl[c] > Scalar(0) ? dp[c] : Scalar(0);
-          const int a = ar[c];
-          const Scalar x = a == 0 ? x0[c] : a == 1 ? x1[c] : a == 2 ? x2[c] : x3[c];
           pt[c] += d;
-          px[c] += d * x;
+          px[c] += d * xr[c];
         }
       }
       for (int64_t c = 0; c < ch; ++c) {

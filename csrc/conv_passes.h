@@ -31,6 +31,7 @@ struct BlockBuffers {
   Scalar* s = nullptr;        // [ch]: batch-norm scale sqrt(var + eps)
   uint8_t* arg = nullptr;     // [samples, ph, pw, ch]: pooling arg-max
   Scalar* pooled = nullptr;   // [samples, ph, pw, ch]: the next block's input
+  Scalar* routed = nullptr;   // [samples, ph, pw, ch]: the xhat each pooled value came from
   Scalar* dpooled = nullptr;  // dL/d pooled
   Scalar* dy = nullptr;       // dL/dy [M, ch]
   Scalar* dz = nullptr;       // dL/dz [M, ch] (aliases dy when no R-pass needs dy later)
@@ -208,7 +209,7 @@ void body_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     conv_apply<Scalar>(b, rows, bb.x, p + b.weight, nullptr, nullptr,
                        b.bias >= 0 ? p + b.bias : nullptr, scratch, bb.xhat);
     bn_relu_pool_forward(b, n, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.s, bb.arg,
-                         bb.pooled);
+                         bb.pooled, bb.routed);
   }
   detail::to_features(layout.head, n, buf.blocks.back().pooled, buf.feat);
 }
@@ -260,7 +261,7 @@ void body_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     const int64_t rows = n * b.h * b.w;
     Scalar* grad_gamma = grad ? grad + b.gamma : nullptr;
     Scalar* grad_beta = grad ? grad + b.beta : nullptr;
-    pool_bn_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.xhat, bb.s, p + b.gamma, bb.dz,
+    pool_bn_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.routed, bb.xhat, bb.s, p + b.gamma, bb.dz,
                      grad_gamma, grad_beta);
     // The R-backward reads dy itself (when it has its own buffer; else dz took its place).
     if (bb.dz != bb.dy) relu_pool_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.dy);
