@@ -63,8 +63,9 @@ class ConvMetaStep {
     lr_mean_ = meta_sgd_ ? c.take<Scalar>(pp) : nullptr;
     rows_ = need_grad_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
     lr_rows_ = meta_sgd_ ? c.take<Scalar>(args_.tasks * pp) : nullptr;
-    int64_t col = 0, wt = 0;  // the widest im2col piece any product builds; W^T
+    int64_t col = 0, wt = 0, max_channels = 0;  // the widest im2col piece; W^T
     for (const ConvBlockLayout& b : layout_.blocks) {
+      max_channels = std::max(max_channels, b.ch);
       col = std::max(col, kColRows * b.k_pad);
       wt = std::max(wt, 2 * b.k * b.ch);
     }
@@ -76,6 +77,7 @@ class ConvMetaStep {
       w.scratch.col = c.take<Scalar>(col);
       w.scratch.dcol = c.take<Scalar>(col);
       w.scratch.wt = c.take<Scalar>(wt);
+      w.scratch.stats = c.take<Scalar>(4 * max_channels);
       w.scratch.rcol = body_r ? c.take<Scalar>(col) : nullptr;
       w.phi.clear();
       for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(pp));

@@ -148,30 +148,50 @@ void col2im(const ConvBlockLayout& b, const Scalar* col, int64_t r0, int64_t r1,
 // ---------------------------------------------------------------------------------------------
 // Batch norm. z and xhat may alias (normalised in place).
 // ---------------------------------------------------------------------------------------------
-// Statistics of z: mean and s = sqrt(var + eps) per channel (two passes over z, nothing
-// written: the variance is summed from centred values, exactly as a two-pass variance).
+// Running per-channel moments of a map produced piece by piece (the convolution's output,
+// kColRows rows at a time): each piece's mean and centred sum of squares, taken while the
+// piece is still in cache, merged in order (Chan et al.'s pairwise update: as accurate as a
+// two-pass variance, and no pass over the whole map).
 template <typename Scalar>
-void bn_statistics(int64_t rows, int64_t ch, Scalar eps, const Scalar* z, Scalar* mean, Scalar* s) {
-  constexpr int64_t kBlock = 64;
-  const Scalar inv_rows = Scalar(1) / Scalar(rows);
-  channel_sums(rows, ch, z, static_cast<const Scalar*>(nullptr), mean);
-  for (int64_t c = 0; c < ch; ++c) mean[c] *= inv_rows;
-  std::vector<Scalar> part(ch), var(ch, Scalar(0));
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    const int64_t r1 = std::min(rows, r0 + kBlock);
-    for (int64_t c = 0; c < ch; ++c) part[c] = 0;
-    for (int64_t r = r0; r < r1; ++r) {
+struct Moments {
+  int64_t count = 0;
+  Scalar* mean = nullptr;  // [ch]
+  Scalar* m2 = nullptr;    // [ch]: sum of squared deviations from the mean
+
+  void add(int64_t rows, int64_t ch, const Scalar* z, Scalar* piece_mean, Scalar* piece_m2) {
+    const Scalar inv = Scalar(1) / Scalar(rows);
+    for (int64_t c = 0; c < ch; ++c) piece_mean[c] = piece_m2[c] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const Scalar* zr = z + r * ch;
+#pragma omp simd
+      for (int64_t c = 0; c < ch; ++c) piece_mean[c] += zr[c];
+    }
+    for (int64_t c = 0; c < ch; ++c) piece_mean[c] *= inv;
+    for (int64_t r = 0; r < rows; ++r) {
       const Scalar* zr = z + r * ch;
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
-        const Scalar d = zr[c] - mean[c];
-        part[c] += d * d;
+        const Scalar d = zr[c] - piece_mean[c];
+        piece_m2[c] += d * d;
       }
     }
-    for (int64_t c = 0; c < ch; ++c) var[c] += part[c];
+    if (count == 0) {
+      for (int64_t c = 0; c < ch; ++c) {
+        mean[c] = piece_mean[c];
+        m2[c] = piece_m2[c];
+      }
+    } else {
+      const Scalar total = Scalar(count + rows);
+      const Scalar wb = Scalar(rows) / total, wab = Scalar(count) * Scalar(rows) / total;
+      for (int64_t c = 0; c < ch; ++c) {
+        const Scalar delta = piece_mean[c] - mean[c];
+        mean[c] += delta * wb;
+        m2[c] += piece_m2[c] + delta * delta * wab;
+      }
+    }
+    count += rows;
   }
-  for (int64_t c = 0; c < ch; ++c) s[c] = std::sqrt(var[c] * inv_rows + eps);
-}
+};
 
 // R{xhat} (in place over R{z}), R{s} and R{y}.
 template <typename Scalar>
@@ -249,18 +269,21 @@ namespace detail {
 inline int64_t window_offset(int a, int64_t w) { return (a >> 1) * w + (a & 1); }
 }  // namespace detail
 
-// z (the convolution's output, normalised in place into xhat) -> arg, pooled, and routed
-// (the xhat each pooled value came from, for the backward's sums); s gets the batch-norm
-// scale.
+// z (the convolution's output, normalised in place into xhat; its moments gathered while
+// it was produced) -> arg, pooled, and routed (the xhat each pooled value came from, for
+// the backward's sums); s gets the batch-norm scale.
 template <typename Scalar>
-void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps, Scalar* xhat,
-                          const Scalar* gamma, const Scalar* beta, Scalar* s, uint8_t* arg,
-                          Scalar* pooled, Scalar* routed) {
+void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps,
+                          const Moments<Scalar>& moments, Scalar* xhat, const Scalar* gamma,
+                          const Scalar* beta, Scalar* s, uint8_t* arg, Scalar* pooled,
+                          Scalar* routed) {
   const int64_t ch = b.ch, rows = samples * b.h * b.w;
-  std::vector<Scalar> mean(ch), inv_s(ch);
-  bn_statistics(rows, ch, eps, xhat, mean.data(), s);
-  for (int64_t c = 0; c < ch; ++c) inv_s[c] = Scalar(1) / s[c];
-  const Scalar* m = mean.data();
+  std::vector<Scalar> inv_s(ch);
+  for (int64_t c = 0; c < ch; ++c) {
+    s[c] = std::sqrt(moments.m2[c] / Scalar(rows) + eps);
+    inv_s[c] = Scalar(1) / s[c];
+  }
+  const Scalar* m = moments.mean;
   const Scalar* is = inv_s.data();
   const auto normalise = [&](Scalar* px) {
 #pragma omp simd

@@ -58,6 +58,7 @@ struct ConvScratch {
   Scalar* rcol = nullptr;  // col(R{x})
   Scalar* dcol = nullptr;  // d col, R{d col}
   Scalar* wt = nullptr;    // the forward's transposed weights (two)
+  Scalar* stats = nullptr; // [4, ch]: a piece's moments and the running ones
 };
 
 // The convolutions' products are large (tens of thousands of im2col rows). Their im2col
@@ -100,7 +101,7 @@ bool forward_by_axpy(const ConvBlockLayout& b) {
 template <typename Scalar>
 void conv_apply(const ConvBlockLayout& b, int64_t rows, const Scalar* x, const Scalar* w,
                 const Scalar* x2, const Scalar* w2, const Scalar* bias,
-                const ConvScratch<Scalar>& scratch, Scalar* out) {
+                const ConvScratch<Scalar>& scratch, Scalar* out, Moments<Scalar>* moments = nullptr) {
   const bool axpy = forward_by_axpy<Scalar>(b);
   if (axpy) {
     transpose_weight(b, w, scratch.wt);
@@ -121,6 +122,7 @@ void conv_apply(const ConvBlockLayout& b, int64_t rows, const Scalar* x, const S
             m, b.ch, std::min(kDepthChunk, b.k - d0), ops, x2 ? 2 : 1, Scalar(1), addend,
             d0 > 0 ? b.ch : 0, c, b.ch);
       }
+      if (moments) moments->add(m, b.ch, c, scratch.stats, scratch.stats + b.ch);
       continue;
     }
     for (int64_t q = 0; q < m; q += kRowBlock) {
@@ -129,6 +131,7 @@ void conv_apply(const ConvBlockLayout& b, int64_t rows, const Scalar* x, const S
       gemm_dot<Scalar>(std::min(kRowBlock, m - q), b.ch, b.k, b.k_pad, ops, x2 ? 2 : 1, bias,
                        out + (r0 + q) * b.ch, b.ch);
     }
+    if (moments) moments->add(m, b.ch, out + r0 * b.ch, scratch.stats, scratch.stats + b.ch);
   }
 }
 
@@ -206,10 +209,11 @@ void body_forward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBuf
     const ConvBlockLayout& b = layout.blocks[i];
     BlockBuffers<Scalar>& bb = buf.blocks[i];
     const int64_t rows = n * b.h * b.w;
+    Moments<Scalar> moments{0, scratch.stats + 2 * b.ch, scratch.stats + 3 * b.ch};
     conv_apply<Scalar>(b, rows, bb.x, p + b.weight, nullptr, nullptr,
-                       b.bias >= 0 ? p + b.bias : nullptr, scratch, bb.xhat);
-    bn_relu_pool_forward(b, n, Scalar(b.eps), bb.xhat, p + b.gamma, p + b.beta, bb.s, bb.arg,
-                         bb.pooled, bb.routed);
+                       b.bias >= 0 ? p + b.bias : nullptr, scratch, bb.xhat, &moments);
+    bn_relu_pool_forward(b, n, Scalar(b.eps), moments, bb.xhat, p + b.gamma, p + b.beta, bb.s,
+                         bb.arg, bb.pooled, bb.routed);
   }
   detail::to_features(layout.head, n, buf.blocks.back().pooled, buf.feat);
 }
