@@ -327,7 +327,7 @@ void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps,
   }
 }
 
-// R{pooled} from R{y}: the same routes.
+// R{pooled} from R{y}: the same routes (picked branch-free from the window's four pixels).
 template <typename Scalar>
 void relu_pool_r_forward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
                          const uint8_t* arg, const Scalar* ry, Scalar* rpooled) {
@@ -335,32 +335,52 @@ void relu_pool_r_forward(const ConvBlockLayout& b, int64_t samples, const Scalar
   for (int64_t n = 0; n < samples; ++n)
     for (int64_t i = 0; i < b.ph; ++i)
       for (int64_t j = 0; j < b.pw; ++j) {
-        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const Scalar* r0 = ry + ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const Scalar* r1 = r0 + ch;
+        const Scalar* r2 = r0 + b.w * ch;
+        const Scalar* r3 = r2 + ch;
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
+        const Scalar* pl = pooled + out;
+        const uint8_t* ar = arg + out;
+        Scalar* rp = rpooled + out;
+#pragma omp simd
         for (int64_t c = 0; c < ch; ++c) {
-          const int64_t at = corner + detail::window_offset(arg[out + c], b.w) * ch + c;
-          rpooled[out + c] = pooled[out + c] > Scalar(0) ? ry[at] : Scalar(0);
+          const int a = ar[c];
+          const Scalar v = a == 0 ? r0[c] : a == 1 ? r1[c] : a == 2 ? r2[c] : r3[c];
+          rp[c] = pl[c] > Scalar(0) ? v : Scalar(0);
         }
       }
 }
 
 // dy from d(pooled) (also R{dy} from R{d(pooled)}: the routes are the same): each pooled
 // gradient goes to its arg-max when the pooled value is positive; every other entry is zero.
+// Written window by window (every pixel once), then the pixels no window covers.
 template <typename Scalar>
 void relu_pool_backward(const ConvBlockLayout& b, int64_t samples, const Scalar* pooled,
                         const uint8_t* arg, const Scalar* dpooled, Scalar* dy) {
   const int64_t ch = b.ch;
-  std::memset(dy, 0, sizeof(Scalar) * samples * b.h * b.w * ch);
-  for (int64_t n = 0; n < samples; ++n)
-    for (int64_t i = 0; i < b.ph; ++i)
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t i = 0; i < b.ph; ++i) {
       for (int64_t j = 0; j < b.pw; ++j) {
-        const int64_t corner = ((n * b.h + 2 * i) * b.w + 2 * j) * ch;
+        const int64_t corner = (n * b.h + 2 * i) * b.w + 2 * j;
         const int64_t out = ((n * b.ph + i) * b.pw + j) * ch;
-        for (int64_t c = 0; c < ch; ++c) {
-          const int64_t at = corner + detail::window_offset(arg[out + c], b.w) * ch + c;
-          if (pooled[out + c] > Scalar(0)) dy[at] = dpooled[out + c];
+        const Scalar* pl = pooled + out;
+        const Scalar* dp = dpooled + out;
+        const uint8_t* ar = arg + out;
+        for (int a = 0; a < 4; ++a) {
+          Scalar* d = dy + (corner + detail::window_offset(a, b.w)) * ch;
+#pragma omp simd
+          for (int64_t c = 0; c < ch; ++c)
+            d[c] = ar[c] == a && pl[c] > Scalar(0) ? dp[c] : Scalar(0);
         }
       }
+      if (b.w & 1) {
+        std::memset(dy + ((n * b.h + 2 * i) * b.w + b.w - 1) * ch, 0, sizeof(Scalar) * ch);
+        std::memset(dy + ((n * b.h + 2 * i + 1) * b.w + b.w - 1) * ch, 0, sizeof(Scalar) * ch);
+      }
+    }
+    if (b.h & 1) std::memset(dy + (n * b.h + b.h - 1) * b.w * ch, 0, sizeof(Scalar) * b.w * ch);
+  }
 }
 
 // relu_pool_backward then bn_backward, fused, when dy itself is not needed afterwards:
