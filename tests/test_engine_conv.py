@@ -271,6 +271,22 @@ def test_anil_needs_exactly_the_head_adapted():
     assert CompiledConv4(model, "cross_entropy", [False] * body + [True] * 2).head_only
 
 
+def test_scratch_grows_with_inner_steps_only_by_parameter_vectors():
+    """Second order keeps phi_1 .. phi_K per thread and recomputes activations: from 1 to
+    10 inner steps the scratch grows by 9 parameter-sized vectors per thread at most."""
+    model = conv_model(1, 8, 28, 5).double()
+    data = image_batch("cross_entropy", 3, 5, 15, 1, 28, 5, torch.float64)
+    sizes = {}
+    for steps in (1, 10):
+        engine = CompiledConv4(model, "cross_entropy")
+        engine.run(list(model.parameters()), 0.1, steps, "second_order", *data)
+        sizes[steps] = engine.engine(28, 28).workspace_bytes
+    params = sum(p.numel() for p in model.parameters())
+    threads = backends.info()["max_threads"]
+    assert sizes[10] - sizes[1] <= 9 * threads * (params * 8 * 5 // 4 + 1024)
+    assert sizes[10] < 1.2 * sizes[1]
+
+
 # --------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The compiled CPU engine for conv4-shaped models: MAML (second- and first-order),
-Meta-SGD, ANIL and Reptile meta-steps for an ``nn.Sequential`` of blocks ``Conv2d(3x3, padding 1) -> BatchNorm2d -> ReLU ->
-MaxPool2d(2)`` followed by ``Flatten`` and a ``Linear`` head (``fastmeta.models.conv4``), all
-tasks of a meta-batch in one call into ``fastmeta._core.ConvEngine``.
+Meta-SGD, ANIL and Reptile meta-steps for an ``nn.Sequential`` of blocks
+``Conv2d(3x3, padding 1) -> BatchNorm2d -> ReLU -> MaxPool2d(2)`` followed by ``Flatten``
+and a ``Linear`` head (``fastmeta.models.conv4``), all tasks of a meta-batch in one call into
+``fastmeta._core.ConvEngine``. ANIL (``adapted`` marks exactly the head's parameters)
+computes each task's body features once and adapts the head alone.
 
 Batch norm always normalises with each task's batch statistics, as the reference engine
 runs it (``fastmeta.functional``), whatever ``track_running_stats`` says. The engine is not
