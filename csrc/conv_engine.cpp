@@ -154,8 +154,10 @@ class ConvMetaStep {
       bb.pooled = c.take<Scalar>(pooled);
       bb.routed = c.take<Scalar>(pooled);
       bb.dpooled = c.take<Scalar>(pooled);
-      bb.dy = c.take<Scalar>(map);
-      bb.dz = body_r ? c.take<Scalar>(map) : bb.dy;  // the R-backward reads dy after dz
+      // Without R-passes nothing reads xhat after the backward has its dz: dz overwrites
+      // it (pixel by pixel) and dy is never stored. The R-backward reads xhat, dy and dz.
+      bb.dy = body_r ? c.take<Scalar>(map) : bb.xhat;
+      bb.dz = body_r ? c.take<Scalar>(map) : bb.xhat;
       if (body_r) {
         bb.rx = i == 0 ? nullptr : buf.blocks[i - 1].rpooled;
         bb.rxhat = c.take<Scalar>(map);

@@ -9,7 +9,7 @@
 // per-task results (two for Meta-SGD), and per thread one task's activations plus
 // K * P of fast weights (and of inner gradients for second-order Meta-SGD): it grows with
 // K only by parameter-sized vectors, never activations x K (Omniglot conv4, T = 32, two
-// threads: ~148 MiB at K = 1, ~156 MiB at K = 10). Tasks run in parallel (OpenMP), each
+// threads: ~110 MiB at K = 1, ~118 MiB at K = 10). Tasks run in parallel (OpenMP), each
 // whole on one thread; their gradients are summed in task order, so the result is
 // bitwise the same for any number of threads.
 #pragma once

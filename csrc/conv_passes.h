@@ -33,8 +33,8 @@ struct BlockBuffers {
   Scalar* pooled = nullptr;   // [samples, ph, pw, ch]: the next block's input
   Scalar* routed = nullptr;   // [samples, ph, pw, ch]: the xhat each pooled value came from
   Scalar* dpooled = nullptr;  // dL/d pooled
-  Scalar* dy = nullptr;       // dL/dy [M, ch]
-  Scalar* dz = nullptr;       // dL/dz [M, ch] (aliases dy when no R-pass needs dy later)
+  Scalar* dy = nullptr;       // dL/dy [M, ch] (kept for the R-backward only)
+  Scalar* dz = nullptr;       // dL/dz [M, ch] (without R-passes: xhat's buffer, overwritten)
   // R{.} of the above (second order only); R{x} of block b > 0 is the rpooled of b - 1.
   Scalar *rxhat = nullptr, *rs = nullptr, *ry = nullptr, *rpooled = nullptr;
   Scalar *rdpooled = nullptr, *rdy = nullptr, *rdz = nullptr;
@@ -265,10 +265,11 @@ void body_backward(const ConvLayout<Scalar>& layout, const Scalar* p, ConvPassBu
     const int64_t rows = n * b.h * b.w;
     Scalar* grad_gamma = grad ? grad + b.gamma : nullptr;
     Scalar* grad_beta = grad ? grad + b.beta : nullptr;
+    // (dz may overwrite xhat: each pixel's dz reads only its own xhat.)
     pool_bn_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.routed, bb.xhat, bb.s, p + b.gamma, bb.dz,
                      grad_gamma, grad_beta);
-    // The R-backward reads dy itself (when it has its own buffer; else dz took its place).
-    if (bb.dz != bb.dy) relu_pool_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.dy);
+    // The R-backward reads dy itself (when it has its own buffer).
+    if (bb.dy != bb.xhat) relu_pool_backward(b, n, bb.pooled, bb.arg, bb.dpooled, bb.dy);
     if (grad) {  // grad W = dz^T col: dz read transposed, in place
       conv_weight_grad<Scalar>(b, rows, bb.dz, bb.x, nullptr, nullptr, scratch, grad + b.weight);
       if (b.bias >= 0) sum_rows<Scalar>(rows, b.ch, bb.dz, b.ch, Scalar(1), nullptr, grad + b.bias);
