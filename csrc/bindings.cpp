@@ -16,7 +16,8 @@ namespace py = pybind11;
 using namespace fastmeta;
 
 namespace fastmeta {
-void bind_mlp_engine(py::module_& m);  // mlp_bindings.cpp
+void bind_mlp_engine(py::module_& m);   // mlp_bindings.cpp
+void bind_conv_engine(py::module_& m);  // conv_bindings.cpp
 }
 
 namespace {
@@ -73,4 +74,5 @@ PYBIND11_MODULE(_core, m) {
         "out[p] = theta[p] - mean_t task_weights[t, p] (float32 or float64, C-contiguous)");
   m.def("build_info", &build_info, "What this build of the core contains");
   bind_mlp_engine(m);
+  bind_conv_engine(m);
 }

@@ -238,20 +238,23 @@ void gemm_dot(int64_t rows, int64_t cols, int64_t depth, int64_t depth_padded,
 // columns (a multiple of the vector width). addend may be null (nothing added), C itself
 // (accumulate), another matrix (C = addend - lr * gradient: an SGD step), or a single row
 // repeated with ld_addend = 0 (a bias). relu: C = max(C, 0) (a forward pass's ReLU, fused
-// into the write).
-template <typename Scalar>
+// into the write). The register tile is at most MaxRows x TileCols vectors and uses at most
+// Accumulators registers (defaults above; a caller with a known shape may pick a larger one,
+// e.g. the conv engine's weight gradients).
+template <typename Scalar, int MaxRows = kAxpyMaxRows, int TileCols = kAxpyCols,
+          int Accumulators = kAxpyAccumulators>
 void gemm_axpy(int64_t rows, int64_t cols_padded, int64_t depth, const AxpyOperand<Scalar>* ops,
                int num_ops, Scalar scale, const Scalar* addend, int64_t ld_addend, Scalar* c,
                int64_t ldc, bool relu = false) {
   using S = Simd<Scalar>;
-  using Switch = detail::TileSwitch<detail::AxpyTile<Scalar>::template Of, kAxpyCols, kAxpyMaxRows>;
+  using Switch = detail::TileSwitch<detail::AxpyTile<Scalar>::template Of, TileCols, MaxRows>;
   const int64_t col_vectors = cols_padded / S::kLanes;
   AxpyOperand<Scalar> shifted[2];
   // Column panels outermost: the panel of every B (depth x a few vectors) stays in L1
   // while the row tiles of A pass over it.
-  for (int64_t v0 = 0; v0 < col_vectors; v0 += kAxpyCols) {
-    const int cb = static_cast<int>(std::min<int64_t>(kAxpyCols, col_vectors - v0));
-    const int64_t tile_rows = std::min(kAxpyMaxRows, kAxpyAccumulators / cb);
+  for (int64_t v0 = 0; v0 < col_vectors; v0 += TileCols) {
+    const int cb = static_cast<int>(std::min<int64_t>(TileCols, col_vectors - v0));
+    const int64_t tile_rows = std::min<int64_t>(MaxRows, Accumulators / cb);
     for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
       const int rb = static_cast<int>(std::min<int64_t>(tile_rows, rows - r0));
       for (int p = 0; p < num_ops; ++p) {
