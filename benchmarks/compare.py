@@ -17,7 +17,7 @@ initial model copied into every implementation):
     W1  sinusoid MLP 1-40-40-1, K=10 support + 10 query, meta-batch 25: 2nd-order MAML, 1 step
     W3  Omniglot MLP 784-256-128-64-64-5, 5-way 1-shot, 15 queries/class, meta-batch 32:
         2nd-order MAML 1 and 5 steps, 1st-order MAML 1 and 5 steps, Reptile 5 steps
-    W2  Omniglot conv4 (hidden 64, 28x28x1), same task shape: 2nd-order MAML, 1 step
+    W2  Omniglot conv4 (hidden 64, 28x28x1), same task shape: 2nd-order MAML, 1 and 5 steps
         (seconds per step: its repeat count is --w2-repeats)
 
 Implementations: fastmeta backend="cpu" (when it can serve the call; otherwise the row says
@@ -56,7 +56,8 @@ import fastmeta  # noqa: E402
 
 W3_ALGORITHMS = [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5), bw.Algorithm("fomaml", 1),
                  bw.Algorithm("fomaml", 5), bw.Algorithm("reptile", 5)]
-PLAN = {"W1": [bw.Algorithm("maml2", 1)], "W3": W3_ALGORITHMS, "W2": [bw.Algorithm("maml2", 1)]}
+PLAN = {"W1": [bw.Algorithm("maml2", 1)], "W3": W3_ALGORITHMS,
+        "W2": [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5)]}
 MEMORY_STEPS = (1, 5, 10, 20)
 MMAP_THRESHOLD = 1 << 20  # bytes, for the memory-mode children
 REFERENCE = "fastmeta-torch"

@@ -442,3 +442,46 @@ def test_every_instruction_set_build_agrees(isa, tmp_path):
         pytest.skip(f"this CPU's widest build is {isa}")
     assert results[isa][0] == isa
     assert rel_error(results[isa][1], results["widest"][1]) < 1e-12
+
+
+# --- Routing: backend="auto" runs conv4-shaped models on this engine -----------------------
+def _learners(model, backend):
+    return {"maml": fastmeta.MAML(model, 0.1, 2, loss="cross_entropy", backend=backend),
+            "fomaml": fastmeta.MAML(model, 0.1, 2, first_order=True, loss="cross_entropy",
+                                    backend=backend),
+            "metasgd": fastmeta.MetaSGD(model, 0.1, 2, loss="cross_entropy", backend=backend),
+            "anil": fastmeta.ANIL(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy",
+                                  backend=backend),
+            "reptile": fastmeta.Reptile(model, 0.1, 2, loss="cross_entropy", backend=backend)}
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "anil", "reptile"])
+def test_auto_backend_runs_conv4_on_the_engine(name):
+    """fastmeta.models.conv4 on the CPU: backend="auto" picks the compiled engine, and its
+    .grad equals the reference engine's (float64)."""
+    torch.manual_seed(3)
+    model = fastmeta.models.conv4(in_channels=1, n_way=3, hidden=4, image_size=16).double()
+    reference = copy.deepcopy(model)
+    sx, sy, qx, qy = image_batch("cross_entropy", 2, 3, 4, 1, 16, 3, torch.float64)
+    auto, torch_learner = _learners(model, "auto")[name], _learners(reference, "torch")[name]
+    args = (sx, sy) if name == "reptile" else (sx, sy, qx, qy)
+    loss, expected = auto(*args), torch_learner(*args)
+    assert auto.last_backend == "cpu"
+    assert rel_error(loss.detach(), expected.detach()) < 1e-10
+    loss.backward()
+    expected.backward()
+    got = torch.cat([p.grad.reshape(-1) for p in auto.parameters()])
+    want = torch.cat([p.grad.reshape(-1) for p in torch_learner.parameters()])
+    assert rel_error(got, want) < 1e-10
+
+
+def test_conv_engine_rejects_nan_with_the_task_index():
+    model = fastmeta.models.conv4(in_channels=1, n_way=3, hidden=4, image_size=16).double()
+    sx, sy, qx, qy = image_batch("cross_entropy", 3, 3, 4, 1, 16, 3, torch.float64)
+    qx[2, 1, 0, 5, 5] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    maml = fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="cpu")
+    with pytest.raises(FloatingPointError, match=r"query_x .*task 2"):
+        maml(sx, sy, qx, qy)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())

@@ -3,7 +3,8 @@ Meta-SGD, ANIL and Reptile meta-steps for an ``nn.Sequential`` of blocks
 ``Conv2d(3x3, padding 1) -> BatchNorm2d -> ReLU -> MaxPool2d(2)`` followed by ``Flatten``
 and a ``Linear`` head (``fastmeta.models.conv4``), all tasks of a meta-batch in one call into
 ``fastmeta._core.ConvEngine``. ANIL (``adapted`` marks exactly the head's parameters)
-computes each task's body features once and adapts the head alone.
+computes each task's body features once and adapts the head alone. ``backend="auto"``
+picks it for such models on the CPU (see :func:`fastmeta.engine_cpu.compiled_engine`).
 
 Batch norm always normalises with each task's batch statistics, as the reference engine
 runs it (``fastmeta.functional``), whatever ``track_running_stats`` says. The engine is not
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.engine_cpu import EngineResult, _array, _task_array, _tensor, _tensors
+from fastmeta.engine_cpu import CompiledEngine, _task_array
 from fastmeta.functional import flatten_sequential
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -120,9 +121,11 @@ def conv_spec(model: nn.Module) -> ConvSpec | str:
     return spec
 
 
-class CompiledConv4:
+class CompiledConv4(CompiledEngine):
     """The engine for one conv4-shaped model: its spec and one compiled engine per image
     size (each keeps its scratch memory between calls). Build once, call every step."""
+
+    scans_inputs = False  # its inputs are checked in Python (a small cost beside its step)
 
     def __init__(self, model: nn.Module, loss: str, adapted: Sequence[bool] | None = None):
         self.model = model
@@ -165,47 +168,15 @@ class CompiledConv4:
                     f"[tasks, samples, {self.spec.in_channels}, height, width])")
         return self.spec.image_reason(x.shape[3], x.shape[4])
 
-    def run(self, params: Sequence[Tensor], lrs: float | Sequence[Tensor], steps: int,
-            algorithm: str, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
-            query_y: Tensor | None = None, need_grad: bool = True,
-            want_adapted: bool = False) -> EngineResult:
-        """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
-        ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
-        query = algorithm != "reptile"
-        for x in (support_x, query_x) if query else (support_x,):
+    def _engine_for(self, support_x: Tensor, query_x: Tensor | None):
+        for x in (support_x,) if query_x is None else (support_x, query_x):
             reason = self.input_reason(x)
             if reason:
                 raise ValueError(f"the conv engine cannot run this batch: {reason}")
-        if query and query_x.shape[2:] != support_x.shape[2:]:
+        if query_x is not None and query_x.shape[2:] != support_x.shape[2:]:
             raise ValueError(f"support images {tuple(support_x.shape[2:])} and query images "
                              f"{tuple(query_x.shape[2:])} differ in shape")
-        dtype = _NUMPY[support_x.dtype]
-        num_tasks = support_x.shape[0]
-        meta_sgd = not isinstance(lrs, (int, float))
-        lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
-        support_losses = np.empty((num_tasks, steps), dtype)
-        query_losses = np.empty(num_tasks, dtype) if query else None
-        accuracies = np.empty(num_tasks, dtype) if query and self.loss == "cross_entropy" else None
-        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad or not query else None
-        lr_grads = [np.empty(s, dtype) for s in self.shapes] if meta_sgd and need_grad else None
-        adapted = np.empty((num_tasks, self.num_params), dtype) if want_adapted else None
-        finite = self.engine(support_x.shape[3], support_x.shape[4]).meta_step(
-            self._arrays("params", params), lr_arg, algorithm, steps,
-            _task_array(support_x), _task_array(support_y),
-            _task_array(query_x) if query else None, _task_array(query_y) if query else None,
-            need_grad, support_losses, query_losses, accuracies, grads, lr_grads, adapted)
-        return EngineResult(_tensor(query_losses), _tensor(accuracies),
-                            torch.from_numpy(support_losses), _tensors(grads),
-                            _tensors(lr_grads), _tensor(adapted), finite)
+        return self.engine(support_x.shape[3], support_x.shape[4])
 
-    def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
-        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
-        view keeps its storage alive, so an equal address means the same storage)."""
-        pointers = [t.data_ptr() for t in tensors]
-        cached = self._arrays_cache.get(key)
-        if cached is not None and cached[0] == pointers:
-            return cached[1]
-        arrays = [_array(t) for t in tensors]
-        if all(t.is_contiguous() for t in tensors):
-            self._arrays_cache[key] = (pointers, arrays)
-        return arrays
+    def _inputs(self, x: Tensor, y: Tensor):
+        return _task_array(x), _task_array(y)

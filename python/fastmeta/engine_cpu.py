@@ -102,7 +102,73 @@ class EngineResult:
                 check_finite(self.query_losses, "the query loss")
 
 
-class CompiledMLP:
+class CompiledEngine:
+    """What the compiled engines' Python sides share: one meta-step over a meta-batch (numpy
+    views in, numpy outputs handed to torch without copies) and cached parameter views.
+    Subclasses give the model's spec (``reason`` says why there is none), ``shapes`` of its
+    parameters, ``num_params``, and ``_engine_for`` / ``_inputs`` for a batch."""
+
+    #: whether the engine itself scans the inputs for NaN before it computes anything
+    scans_inputs = True
+    loss: str
+    reason: str | None
+    shapes: list[tuple[int, ...]]
+    num_params: int
+
+    def _engine_for(self, support_x: Tensor, query_x: Tensor | None):
+        raise NotImplementedError
+
+    def _inputs(self, x: Tensor, y: Tensor):
+        raise NotImplementedError
+
+    def run(self, params: Sequence[Tensor], lrs: float | Sequence[Tensor], steps: int,
+            algorithm: str, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
+            query_y: Tensor | None = None, need_grad: bool = True,
+            want_adapted: bool = False) -> EngineResult:
+        """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
+        ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
+        query = algorithm != "reptile"
+        if not query:
+            query_x = query_y = None
+        engine = self._engine_for(support_x, query_x)
+        if not self.scans_inputs:
+            check_batch_values(self.loss, support_x, support_y, query_x, query_y)
+        dtype = _NUMPY[support_x.dtype]
+        num_tasks = support_x.shape[0]
+        meta_sgd = not isinstance(lrs, (int, float))
+        lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
+        # Outputs are numpy arrays, handed to torch without a copy: cheaper than torch.empty.
+        support_losses = np.empty((num_tasks, steps), dtype)
+        query_losses = np.empty(num_tasks, dtype) if query else None
+        accuracies = np.empty(num_tasks, dtype) if query and self.loss == "cross_entropy" else None
+        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad or not query else None
+        lr_grads = [np.empty(s, dtype) for s in self.shapes] if meta_sgd and need_grad else None
+        adapted = np.empty((num_tasks, self.num_params), dtype) if want_adapted else None
+        finite = engine.meta_step(
+            self._arrays("params", params), lr_arg, algorithm, steps,
+            *self._inputs(support_x, support_y),
+            *(self._inputs(query_x, query_y) if query else (None, None)), need_grad,
+            support_losses, query_losses, accuracies, grads, lr_grads, adapted)
+        if not finite:  # a non-finite input stops the engine before it computes anything
+            check_batch_values(self.loss, support_x, support_y, query_x, query_y)
+        return EngineResult(_tensor(query_losses), _tensor(accuracies),
+                            torch.from_numpy(support_losses), _tensors(grads),
+                            _tensors(lr_grads), _tensor(adapted), finite)
+
+    def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
+        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
+        view keeps its storage alive, so an equal address means the same storage)."""
+        pointers = [t.data_ptr() for t in tensors]
+        cached = self._arrays_cache.get(key)
+        if cached is not None and cached[0] == pointers:
+            return cached[1]
+        arrays = [_array(t) for t in tensors]
+        if all(t.is_contiguous() for t in tensors):
+            self._arrays_cache[key] = (pointers, arrays)
+        return arrays
+
+
+class CompiledMLP(CompiledEngine):
     """The engine for one model: its spec, the adapted layers and the compiled engine
     (which keeps its scratch memory between calls). Build once, call every step."""
 
@@ -136,7 +202,7 @@ class CompiledMLP:
     def __getstate__(self):  # the compiled engine (and its scratch memory) is not copied
         return {**self.__dict__, "_engine": None, "_arrays_cache": {}}
 
-    def engine(self):
+    def _engine_for(self, support_x: Tensor, query_x: Tensor | None):
         if self._engine is None:
             spec = self.spec
             self._engine = backends.core().MlpEngine(list(spec.widths), list(spec.activations),
@@ -156,47 +222,6 @@ class CompiledMLP:
         if features != self.spec.widths[0]:
             return f"inputs with {features} features for a first Linear layer of {self.spec.widths[0]}"
         return None
-
-    def run(self, params: Sequence[Tensor], lrs: float | Sequence[Tensor], steps: int,
-            algorithm: str, support_x: Tensor, support_y: Tensor, query_x: Tensor | None = None,
-            query_y: Tensor | None = None, need_grad: bool = True,
-            want_adapted: bool = False) -> EngineResult:
-        """One meta-step. ``algorithm``: "second_order", "first_order" or "reptile";
-        ``lrs``: the inner learning rate, or one rate tensor per parameter (Meta-SGD)."""
-        dtype = _NUMPY[support_x.dtype]
-        num_tasks = support_x.shape[0]
-        meta_sgd = not isinstance(lrs, (int, float))
-        lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
-        query = algorithm != "reptile"
-        # Outputs are numpy arrays, handed to torch without a copy: cheaper than torch.empty.
-        support_losses = np.empty((num_tasks, steps), dtype)
-        query_losses = np.empty(num_tasks, dtype) if query else None
-        accuracies = np.empty(num_tasks, dtype) if query and self.loss == "cross_entropy" else None
-        grads = [np.empty(s, dtype) for s in self.shapes] if need_grad or not query else None
-        lr_grads = [np.empty(s, dtype) for s in self.shapes] if meta_sgd and need_grad else None
-        adapted = np.empty((num_tasks, self.num_params), dtype) if want_adapted else None
-        finite = self.engine().meta_step(
-            self._arrays("params", params), lr_arg, algorithm, steps,
-            *self._inputs(support_x, support_y),
-            *(self._inputs(query_x, query_y) if query else (None, None)), need_grad,
-            support_losses, query_losses, accuracies, grads, lr_grads, adapted)
-        if not finite:  # a non-finite input stops the engine before it computes anything
-            check_batch_values(self.loss, support_x, support_y, query_x, query_y)
-        return EngineResult(_tensor(query_losses), _tensor(accuracies),
-                            torch.from_numpy(support_losses), _tensors(grads),
-                            _tensors(lr_grads), _tensor(adapted), finite)
-
-    def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
-        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
-        view keeps its storage alive, so an equal address means the same storage)."""
-        pointers = [t.data_ptr() for t in tensors]
-        cached = self._arrays_cache.get(key)
-        if cached is not None and cached[0] == pointers:
-            return cached[1]
-        arrays = [_array(t) for t in tensors]
-        if all(t.is_contiguous() for t in tensors):
-            self._arrays_cache[key] = (pointers, arrays)
-        return arrays
 
     def _inputs(self, x: Tensor, y: Tensor):
         num_tasks, num_samples = x.shape[0], x.shape[1]

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from fastmeta import backends
 from fastmeta.checks import (check_batch_values, check_task_batch, output_classes,
                              reference_parameter)
-from fastmeta.engine_cpu import CompiledMLP, meta_loss
+from fastmeta.engine_cpu import CompiledEngine, meta_loss
+from fastmeta.engines import compiled_engine
 from fastmeta.functional import TaskBatchedModel, flatten_sequential
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
 from fastmeta.reference import AdaptedModel, adapt
@@ -46,7 +47,7 @@ class MAML(nn.Module):
         self.backend = backends.check_backend_name(backend)
         self._batched = TaskBatchedModel(model)
         self._num_classes = output_classes(model)
-        self._compiled: CompiledMLP | None = None  # built on first use
+        self._compiled: CompiledEngine | None = None  # built on first use
         #: the engine that ran the last forward: "cpu" (compiled core) or "torch"
         self.last_backend: str | None = None
 
@@ -60,14 +61,14 @@ class MAML(nn.Module):
     def _features_from(self) -> int:
         return 0
 
-    def _compiled_mlp(self) -> CompiledMLP:
+    def _compiled_engine(self) -> CompiledEngine:
         if self._compiled is None or self._compiled.loss != self.loss:
-            self._compiled = CompiledMLP(self.model, self.loss, self._adapted())
+            self._compiled = compiled_engine(self.model, self.loss, self._adapted())
         return self._compiled
 
     def _compiled_reason(self, support_x: Tensor | None = None) -> str | None:
-        """None when the compiled MLP engine can run this model (and these inputs)."""
-        compiled = self._compiled_mlp()
+        """None when a compiled engine can run this model (and these inputs)."""
+        compiled = self._compiled_engine()
         if compiled.reason is not None:
             return compiled.reason
         return None if support_x is None else compiled.input_reason(support_x)
@@ -118,7 +119,7 @@ class MAML(nn.Module):
         meta_sgd = isinstance(lrs[0], Tensor)
         trained = params + lrs if meta_sgd else params
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in trained)
-        result = self._compiled_mlp().run(
+        result = self._compiled_engine().run(
             params, lrs if meta_sgd else self.inner_lr, self.inner_steps,
             "first_order" if self.first_order else "second_order", support_x, support_y,
             query_x, query_y, need_grad)

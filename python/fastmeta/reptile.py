@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.checks import check_task_batch, output_classes, reference_parameter
-from fastmeta.engine_cpu import CompiledMLP
+from fastmeta.engine_cpu import CompiledEngine
+from fastmeta.engines import compiled_engine
 from fastmeta.functional import TaskBatchedModel
 from fastmeta.maml import _check_settings
 from fastmeta.precomputed import with_gradient
@@ -32,7 +33,7 @@ class Reptile(nn.Module):
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
         self._batched = TaskBatchedModel(model)
-        self._compiled: CompiledMLP | None = None  # built on first use
+        self._compiled: CompiledEngine | None = None  # built on first use
         #: the engine that ran the last forward's inner loop: "cpu" (compiled) or "torch"
         self.last_backend: str | None = None
 
@@ -60,7 +61,7 @@ class Reptile(nn.Module):
         self._validate(support_x, support_y)
         if engine == "cpu":
             if self._compiled is None or self._compiled.loss != self.loss:
-                self._compiled = CompiledMLP(self.model, self.loss)
+                self._compiled = compiled_engine(self.model, self.loss)
             if self._compiled.reason is None and self._compiled.input_reason(support_x) is None:
                 self.last_backend = "cpu"
                 return self._compiled_forward(support_x, support_y)
