@@ -752,7 +752,7 @@ def pretrain(config: dict[str, Any], data: ClassDataset, steps: int, seed: int,
             if not quiet and stream is not None and time.monotonic() - report > 15:
                 report = time.monotonic()
                 print(f"fastmeta: pretraining the baseline: step {i + 1}/{steps}  "
-                      f"loss {float(loss):.4f}", file=stream, flush=True)
+                      f"loss {float(loss.detach()):.4f}", file=stream, flush=True)
     return model
 
 
