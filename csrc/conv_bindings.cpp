@@ -84,11 +84,7 @@ bool meta_step_typed(ConvEngine& engine, const py::list& params, const py::objec
                      const py::object& lr_grad, const py::object& adapted) {
   const ConvSpec& spec = engine.spec();
   MetaStepArgs<Scalar> args;
-  if (algorithm == "second_order") args.algorithm = Algorithm::second_order;
-  else if (algorithm == "first_order") args.algorithm = Algorithm::first_order;
-  else if (algorithm == "reptile") args.algorithm = Algorithm::reptile;
-  else throw py::value_error("ConvEngine.meta_step: unknown algorithm '" + algorithm +
-                             "' (second_order, first_order or reptile)");
+  args.algorithm = parse_algorithm(algorithm, "ConvEngine.meta_step");
   if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
   args.inner_steps = inner_steps;
   args.need_grad = need_grad;

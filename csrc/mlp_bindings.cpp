@@ -28,14 +28,6 @@ Activation parse_activation(const std::string& name) {
                         "' (identity, relu, tanh or sigmoid)");
 }
 
-Algorithm parse_algorithm(const std::string& name) {
-  if (name == "second_order") return Algorithm::second_order;
-  if (name == "first_order") return Algorithm::first_order;
-  if (name == "reptile") return Algorithm::reptile;
-  throw py::value_error("MlpEngine: unknown algorithm '" + name +
-                        "' (second_order, first_order or reptile)");
-}
-
 std::unique_ptr<MlpEngine> make_engine(std::vector<int64_t> widths,
                                        const std::vector<std::string>& activations,
                                        std::vector<bool> has_bias, int64_t head,
@@ -88,7 +80,7 @@ bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object
                      const py::object& lr_grad, const py::object& adapted) {
   const MlpSpec& spec = engine.spec();
   MetaStepArgs<Scalar> args;
-  args.algorithm = parse_algorithm(algorithm);
+  args.algorithm = parse_algorithm(algorithm, "MlpEngine");
   if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
   args.inner_steps = inner_steps;
   args.need_grad = need_grad;

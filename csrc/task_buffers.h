@@ -15,6 +15,15 @@ namespace fastmeta {
 
 namespace py = pybind11;
 
+// The meta-step's algorithm from its Python name; `who` prefixes the error.
+inline Algorithm parse_algorithm(const std::string& name, const char* who) {
+  if (name == "second_order") return Algorithm::second_order;
+  if (name == "first_order") return Algorithm::first_order;
+  if (name == "reptile") return Algorithm::reptile;
+  throw py::value_error(std::string(who) + ": unknown algorithm '" + name +
+                        "' (second_order, first_order or reptile)");
+}
+
 // A [T, ...] buffer whose tasks are each C-contiguous but may lie any number of elements
 // apart: a slice of a larger batch (support and query cut from one tensor) is read in place.
 template <typename Element>
