@@ -71,6 +71,40 @@ def test_backends_resolve():
         backends.check_backend_name("gpu")
 
 
+
+def test_parameter_list_is_module_parameters():
+    from fastmeta.functional import parameter_list
+
+    shared = nn.Linear(3, 4)
+    model = nn.Sequential(nn.Linear(2, 3, bias=False), nn.Sequential(shared, nn.ReLU(), shared),
+                          nn.Linear(4, 1))
+    model.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    model[1].register_parameter("unused", None)
+    assert [id(p) for p in parameter_list(model)] == [id(p) for p in model.parameters()]
+
+
+@pytest.mark.skipif(CORE_DISABLED, reason="needs the compiled core")
+def test_engine_choice_follows_backend_dtype_and_loss_changes():
+    """MAML remembers a "cpu" choice per kind of input (MAML._resolve); a change of
+    backend, dtype or inputs must choose again."""
+    torch.manual_seed(0)
+    maml = fastmeta.MAML(fastmeta.models.mlp([1, 8, 1]), 0.1, backend="auto")
+    batch = regression_batch(3, 4, 4, 1, 1, dtype=torch.float32)
+    maml(*batch)
+    assert maml.last_backend == "cpu"
+    maml.backend = "torch"
+    maml(*batch)
+    assert maml.last_backend == "torch"
+    maml.backend = "auto"
+    maml(*batch)
+    assert maml.last_backend == "cpu"
+    maml.model.double()
+    maml(*(t.double() for t in batch))
+    assert maml.last_backend == "cpu"
+    with pytest.raises(TypeError, match="float32"):  # the check still runs on a remembered choice
+        maml(*batch)
+
+
 # --- AdaptedModel ---------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "anil", "reptile"])
 def test_adapted_model_shapes(algorithm):

@@ -2,9 +2,10 @@
 Reptile meta-steps for an ``nn.Sequential`` of ``Linear`` layers and element-wise
 activations, all tasks of a meta-batch in one call into ``fastmeta._core``.
 
-The engine computes the meta-gradient itself (no autograd graph); :func:`meta_loss` hands
-it back to autograd, so ``loss.backward()`` fills ``.grad`` exactly as with the reference
-engine. Inputs are validated by :mod:`fastmeta.checks` before they get here.
+The engine computes the meta-gradient itself (no autograd graph);
+:func:`fastmeta.precomputed.with_gradient` hands it back to autograd, so ``loss.backward()``
+fills ``.grad`` exactly as with the reference engine. Inputs are validated by
+:mod:`fastmeta.checks` before they get here.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from fastmeta import backends
 from fastmeta.checks import check_batch_values
 from fastmeta.functional import flatten_sequential
 from fastmeta.losses import check_finite
-from fastmeta.precomputed import with_gradient
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -232,13 +232,6 @@ class CompiledMLP(CompiledEngine):
             raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
                              f"shape {(num_tasks, num_samples, self.spec.widths[-1])}")
         return _task_array(x), _task_array(y)
-
-
-def meta_loss(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """``value`` as a scalar whose backward puts ``grads`` into ``params``' ``.grad``."""
-    if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
-        return value
-    return with_gradient(value, params, grads)
 
 
 def check_finite_steps(losses: Tensor, what: str) -> None:

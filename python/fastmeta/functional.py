@@ -50,6 +50,24 @@ def flatten_sequential(module: nn.Module) -> list[nn.Module] | None:
     return layers
 
 
+def parameter_list(module: nn.Module) -> list[nn.Parameter]:
+    """``list(module.parameters())`` (same order, shared parameters once), in a third of the
+    time: a meta-step on a small model reads it every call."""
+    params, seen = [], set()
+
+    def visit(m: nn.Module) -> None:
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        for child in m._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(module)
+    return params
+
+
 def unsupported_layer(layer: nn.Module) -> str | None:
     """None when the batched Sequential path runs ``layer``, else why not."""
     kind = type(layer)

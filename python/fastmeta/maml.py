@@ -7,10 +7,11 @@ from torch import Tensor, nn
 from fastmeta import backends
 from fastmeta.checks import (check_batch_values, check_task_batch, output_classes,
                              reference_parameter)
-from fastmeta.engine_cpu import CompiledEngine, meta_loss
+from fastmeta.engine_cpu import CompiledEngine
 from fastmeta.engines import compiled_engine
-from fastmeta.functional import TaskBatchedModel, flatten_sequential
+from fastmeta.functional import TaskBatchedModel, flatten_sequential, parameter_list
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
+from fastmeta.precomputed import with_gradient
 from fastmeta.reference import AdaptedModel, adapt
 
 
@@ -48,6 +49,7 @@ class MAML(nn.Module):
         self._batched = TaskBatchedModel(model)
         self._num_classes = output_classes(model)
         self._compiled: CompiledEngine | None = None  # built on first use
+        self._cpu_inputs: tuple | None = None  # see _resolve
         #: the engine that ran the last forward: "cpu" (compiled core) or "torch"
         self.last_backend: str | None = None
 
@@ -82,10 +84,19 @@ class MAML(nn.Module):
         like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y, scan_values=False)
-        engine = "torch" if reference_only else backends.resolve(
-            self.backend, like.device, self._compiled_reason(support_x))
+        engine = "torch" if reference_only else self._resolve(like, support_x)
         if engine == "torch":  # the compiled engine scans the values as it reads them
             check_batch_values(self.loss, support_x, support_y, query_x, query_y)
+        return engine
+
+    def _resolve(self, like: Tensor, support_x: Tensor) -> str:
+        """``backends.resolve`` for this call; a "cpu" answer is remembered for inputs of the
+        same kind (it has no side effects, and a meta-step on a small model is short)."""
+        key = (self.backend, self.loss, like.device, like.dtype, tuple(support_x.shape[2:]))
+        if self._compiled is not None and self._cpu_inputs == (self._compiled, key):
+            return "cpu"
+        engine = backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
+        self._cpu_inputs = (self._compiled, key) if engine == "cpu" else None
         return engine
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
@@ -103,9 +114,11 @@ class MAML(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
-        params = list(self.model.parameters())
-        self.last_backend = self._validate(support_x, support_y, query_x, query_y, params)
-        if self.last_backend == "cpu":
+        params = parameter_list(self.model)
+        engine = self._validate(support_x, support_y, query_x, query_y, params)
+        if engine != self.last_backend:  # (nn.Module's __setattr__ costs microseconds)
+            self.last_backend = engine
+        if engine == "cpu":
             return self._compiled_forward(params, support_x, support_y, query_x, query_y)
         adapted = self._adapt(support_x, support_y, self.inner_steps)
         losses = per_task_loss(self.loss, adapted(query_x), query_y)
@@ -127,8 +140,8 @@ class MAML(nn.Module):
         value = result.query_losses.mean()
         if not need_grad:
             return value
-        grads = result.grads + result.lr_grads if meta_sgd else result.grads
-        return meta_loss(value, trained, grads)
+        return with_gradient(value, trained, result.grads + result.lr_grads if meta_sgd
+                             else result.grads)
 
 
 class MetaSGD(MAML):

@@ -10,9 +10,11 @@ from torch import Tensor
 
 class _PrecomputedGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value: Tensor, grads: Sequence[Tensor], *params: Tensor) -> Tensor:
-        ctx.grads = grads
-        return value.detach().clone()
+    def forward(ctx, boxed: tuple[Tensor, Sequence[Tensor]], *params: Tensor) -> Tensor:
+        # value and grads come boxed in a tuple: autograd then sees no tensor input but the
+        # parameters, and the output needs no copy (it is not one of the inputs).
+        value, ctx.grads = boxed
+        return value.detach()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -22,11 +24,11 @@ class _PrecomputedGradient(torch.autograd.Function):
                                "run the learner again for a second backward")
         if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
             # The plain loss.backward(): autograd may take these tensors as .grad without a copy.
-            return (None, None, *grads)
-        return (None, None, *[grad_output * g for g in grads])
+            return (None, *grads)
+        return (None, *[grad_output * g for g in grads])
 
 
 def with_gradient(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     """``value`` (a scalar) whose backward puts ``grads[i]`` (times the incoming gradient)
     into ``params[i]`` (once: a second backward raises)."""
-    return _PrecomputedGradient.apply(value, tuple(grads), *params)
+    return _PrecomputedGradient.apply((value, tuple(grads)), *params)
