@@ -29,11 +29,24 @@ namespace {
 // history lives here rather than per task. Each thread also packs its own copy of theta
 // (and the rates): a copy written by another core would have to travel between the
 // cores' caches on every call, which costs more than packing it again.
+//
+// The split history (MetaStep::split_; second-order MAML with a scalar rate, every layer
+// adapted): the reverse sweep never reads phi_k's first layer (its R-products at the
+// first layer need only u and the layer's input, and no delta of the input is formed);
+// that layer only recomputes act[1], the support set's first activations. When act[1]
+// is smaller than the layer (few support rows, a wide input), phi's slots hold the
+// layers >= 1 only, the first layer of phi_k lives in `first` (phi_{k+1}'s overwrites
+// it in place, as the first-order slot does), and act[1] of every step is kept in
+// `act1`, so the sweep recomputes from layer 1. Same kernels on the same values: the
+// results are bitwise those of the full history.
 template <typename Scalar>
 struct ThreadWorkspace {
   Scalar *theta = nullptr, *theta_t = nullptr, *alpha = nullptr;
   PassBuffers<Scalar> support, query;
   std::vector<Scalar*> phi;    // phi_1 .. phi_K (second order), or one slot updated in place
+                               // (split history: their layers >= 1)
+  Scalar* first = nullptr;     // split history: the first layer of phi_k (the current step)
+  std::vector<Scalar*> act1;   // split history: act[1] of the support set at steps 0 .. K-1
   std::vector<Scalar*> grads;  // per-parameter rates: g_0 .. g_{K-1} (Meta-SGD, second
                                // order) or one slot; a scalar rate needs none
   Scalar* grad_sum = nullptr;  // Meta-SGD, first order: sum_k g_k
@@ -69,6 +82,13 @@ class MetaStep {
     vector_lr_ = !args.lrs.empty();
     meta_sgd_ = vector_lr_ && !reptile_ && need_grad_ && !args.lr_grads.empty();
     history_ = second_order_ ? args.inner_steps : 1;
+    // The split history (see ThreadWorkspace) where it saves memory: act[1] smaller than
+    // the first layer. Not for Meta-SGD (its step runs over the whole vector), ANIL (the
+    // body is not adapted) or when every task's phi_K is wanted whole.
+    const int64_t first_end = layout_.num_layers() > 1 ? layout_.layers[1].weight : 0;
+    split_ = second_order_ && !vector_lr_ && layout_.head == 0 && !args.adapted &&
+             args.inner_steps >= 2 && args.support * layout_.layers[0].out_pad < first_end;
+    first_end_ = split_ ? first_end : 0;
     sums_ = need_grad_ && !reptile_;
     // As many blocks as tasks while their partial sums stay small, fewer (of several tasks
     // each) for large models: never more than kBlockBytes of partial sums.
@@ -86,7 +106,7 @@ class MetaStep {
   std::vector<int64_t> key() const {
     return {int64_t(sizeof(Scalar)), args_.tasks, args_.support, args_.query, args_.inner_steps,
             int64_t(num_threads_), int64_t(args_.algorithm), int64_t(need_grad_),
-            int64_t(vector_lr_), int64_t(meta_sgd_)};
+            int64_t(vector_lr_), int64_t(meta_sgd_), int64_t(split_)};
   }
 
   // Assigns every buffer a piece of the arena (base == nullptr: only measures).
@@ -106,7 +126,14 @@ class MetaStep {
       carve_pass(c, w.support, args_.support, second_order_);
       if (!reptile_) carve_pass(c, w.query, args_.query, false);
       w.phi.clear();
-      for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(hp));
+      for (int64_t k = 0; k < history_; ++k) w.phi.push_back(c.take<Scalar>(hp - first_end_));
+      w.first = split_ ? c.take<Scalar>(first_end_) : nullptr;
+      w.act1.clear();
+      if (split_) {  // step 0's is the support pass's own act[1]
+        w.act1.push_back(w.support.act[1]);
+        for (int64_t k = 1; k < args_.inner_steps; ++k)
+          w.act1.push_back(c.take<Scalar>(args_.support * layout_.width(1)));
+      }
       w.grads.clear();
       const int64_t grad_slots = !vector_lr_ ? 0 : meta_sgd_ ? history_ : 1;
       for (int64_t k = 0; k < grad_slots; ++k) w.grads.push_back(c.take<Scalar>(hp));
@@ -249,11 +276,20 @@ class MetaStep {
     buf.scratch = scratch > 0 ? c.take<Scalar>(scratch) : nullptr;
   }
 
+  // Where phi_k (k >= 1) is stored: its slot, and with the split history the first
+  // layer's buffer (which holds phi_k's first layer only until step k has run).
+  ParamView<Scalar> slot(const ThreadWorkspace<Scalar>& w, int64_t k) const {
+    Scalar* base = w.phi[std::min<int64_t>(k, history_) - 1];
+    if (!split_) return {base, layout_.head_offset};
+    return {base, first_end_, nullptr, w.first, first_end_};
+  }
+
   // phi_k as a view of the adapted layers (k = 0: theta itself, with its transposed copy
   // for the layers that have one).
   ParamView<const Scalar> phi(const ThreadWorkspace<Scalar>& w, int64_t k) const {
     if (k == 0) return {w.theta, 0, w.theta_t};
-    return {w.phi[std::min<int64_t>(k, history_) - 1], layout_.head_offset};
+    const ParamView<Scalar> s = slot(w, k);
+    return {s.base, s.origin, nullptr, s.first, s.first_end};
   }
 
   // Task t's targets, `stride` elements (values or labels) after task t - 1's.
@@ -284,11 +320,14 @@ class MetaStep {
     if (head > 0) forward(layout_, theta, sup, 0, head);
     for (int64_t k = 0; k < steps; ++k) {
       const ParamView<const Scalar> now = phi(w, k);
-      Scalar* next = w.phi[std::min<int64_t>(k + 1, history_) - 1];
+      const ParamView<Scalar> next = slot(w, k + 1);
+      if (split_) sup.act[1] = w.act1[k];  // kept for the sweep
       forward(layout_, now, sup, head, layers);
       args_.support_loss[t * steps + k] = loss(sup, sup_y, true, nullptr);
       if (!vector_lr_) {  // phi_{k+1} = phi_k - lr g_k, written by the gradient's products
-        const ParamSink<Scalar> step{{next, ho}, -lr, now};
+        // (The split history's first layer is updated in place: its result is the last
+        // thing the backward pass writes, and nothing reads that layer after it.)
+        const ParamSink<Scalar> step{next, -lr, now};
         backward(layout_, now, sup, head, layers, &step, false);
         continue;
       }
@@ -297,7 +336,7 @@ class MetaStep {
       backward(layout_, now, sup, head, layers, &grad, false);
       const Scalar* from = now.weight(layout_.layers[head]);
 #pragma omp simd
-      for (int64_t i = 0; i < hp; ++i) next[i] = from[i] - alpha[i] * g[i];
+      for (int64_t i = 0; i < hp; ++i) next.base[i] = from[i] - alpha[i] * g[i];
       if (w.grad_sum) {
         if (k == 0) std::memcpy(w.grad_sum, g, sizeof(Scalar) * hp);
         else
@@ -337,8 +376,10 @@ class MetaStep {
         for (int64_t i = 0; i < hp; ++i) lr_row[ho + i] = -w.grad_sum[i] * v.base[i];
     } else {
       // Reverse sweep: v_k = v_{k+1} - H_k (alpha * v_{k+1}). Step K-1's support
-      // activations are still in `sup` from the inner loop; earlier ones are recomputed.
-      // With a scalar rate, H_k (lr v) = lr H_k v: the direction is v itself.
+      // activations are still in `sup` from the inner loop; earlier ones are recomputed
+      // (with the split history from the kept act[1]: `now`'s first layer is not phi_k's
+      // then, and is not read). With a scalar rate, H_k (lr v) = lr H_k v: the direction
+      // is v itself.
       Scalar* features_grad = head > 0 ? sup.dact[head] : nullptr;
       if (features_grad)
         std::memset(features_grad, 0, sizeof(Scalar) * sup.rows * layout_.width(head));
@@ -348,7 +389,8 @@ class MetaStep {
       for (int64_t k = steps - 1; k >= 0; --k) {
         const ParamView<const Scalar> now = phi(w, k);
         if (k < steps - 1) {
-          forward(layout_, now, sup, head, layers);
+          if (split_) sup.act[1] = w.act1[k];
+          forward(layout_, now, sup, split_ ? 1 : head, layers);
           loss(sup, sup_y, true, nullptr);
           backward<Scalar>(layout_, now, sup, head, layers, nullptr, false);
         }
@@ -407,6 +449,8 @@ class MetaStep {
   bool meta_sgd_ = false;   // ... and their gradient is wanted
   bool sums_ = false;       // a meta-gradient summed over tasks (not Reptile)
   int64_t history_ = 1;
+  bool split_ = false;      // the split history (see ThreadWorkspace)
+  int64_t first_end_ = 0;   // ... and the padded size of its first layer (else 0)
   int64_t num_blocks_ = 1;  // task blocks (a function of T and the model only)
   int levels_ = 0;          // the reduction tree's depth: 2^levels_ >= num_blocks_
 };

@@ -4,7 +4,9 @@
 // For every task: K inner SGD steps phi_{k+1} = phi_k - alpha * g_k, the query loss at
 // phi_K and its gradient v_K, then the reverse sweep v_k = v_{k+1} - H_k (alpha * v_{k+1})
 // with Hessian-vector products by forward-over-reverse, recomputing each step's
-// activations from the stored phi_k (memory O(threads * K * P), never activations x K).
+// activations from the stored phi_k (memory O(threads * K * P), never activations x K;
+// only the first layer's activations are kept per step, instead of that layer of phi_k,
+// where they are the smaller: see ThreadWorkspace in mlp_engine.cpp).
 // Tasks run in parallel (worker_pool.h), each whole on one thread; their gradients are
 // summed in an order fixed by the meta-batch alone, so the result is bitwise the same for
 // any number of threads. Inputs holding a NaN or infinity stop the call before anything

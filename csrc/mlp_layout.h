@@ -40,15 +40,23 @@ struct LayerLayout {
 
 // Layer l's tensors inside a vector that may hold only the adapted suffix of the layers:
 // `origin` is the padded offset of the vector's first element. `t_base`, when set, holds
-// the W^T of the layers that have one (theta only; see LayerLayout::weight_t).
+// the W^T of the layers that have one (theta only; see LayerLayout::weight_t). `first`,
+// when set, holds the offsets [0, first_end) (the first layer's weight and bias) apart
+// from `base`: the engine's second-order history keeps that layer of phi_k in one buffer
+// (mlp_engine.cpp, ThreadWorkspace).
 template <typename Scalar>
 struct ParamView {
   Scalar* base;
   int64_t origin;
   Scalar* t_base = nullptr;
-  Scalar* weight(const LayerLayout& layer) const { return base + (layer.weight - origin); }
+  Scalar* first = nullptr;
+  int64_t first_end = 0;
+  Scalar* at(int64_t offset) const {
+    return offset < first_end ? first + offset : base + (offset - origin);
+  }
+  Scalar* weight(const LayerLayout& layer) const { return at(layer.weight); }
   Scalar* bias(const LayerLayout& layer) const {
-    return layer.bias < 0 ? nullptr : base + (layer.bias - origin);
+    return layer.bias < 0 ? nullptr : at(layer.bias);
   }
   Scalar* weight_t(const LayerLayout& layer) const {
     return t_base && layer.weight_t >= 0 ? t_base + layer.weight_t : nullptr;

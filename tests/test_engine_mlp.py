@@ -192,6 +192,32 @@ def test_reptile_matches_reference(loss, dtype):
     assert rel_error(result.adapted, ref_adapted) < RTOL[dtype]
 
 
+@pytest.mark.parametrize("steps", [2, 5])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "anil"])
+def test_wide_first_layer_and_few_support_rows(name, loss, steps):
+    """W3's shape in small: a wide first layer and 3 support rows. Second-order MAML then
+    keeps the support set's first activations per inner step rather than phi_k's first
+    layer (the engine's split history): from K to K + 3 steps its scratch grows by less
+    than three first layers. Meta-SGD and ANIL keep the whole history."""
+    model = nn.Sequential(nn.Linear(60, 32), nn.Sigmoid(), nn.Linear(32, 16), nn.Tanh(),
+                          nn.Linear(16, 4)).double()
+    data = batch(loss, 4, 60, 4, torch.float64, support=3, query=7)
+    results = run_both(name, model, loss, steps, data)
+    (value, grads), (ref_value, ref_grads) = results["cpu"], results["torch"]
+    assert rel_error(value, ref_value) < 1e-10
+    for g, ref in zip(grads, ref_grads):
+        assert rel_error(g, ref) < 1e-10
+    if name == "maml":
+        engine = CompiledMLP(model, loss)
+        one_task = [t[:1] for t in data]  # one task: one thread
+        sizes = []
+        for k in (steps, steps + 3):
+            engine.run(list(model.parameters()), 0.1, k, "second_order", *one_task)
+            sizes.append(engine._engine_for(*one_task[::2]).workspace_bytes)
+        assert sizes[1] - sizes[0] < 3 * (32 * 60 + 32) * 8
+
+
 def test_anil_with_a_two_layer_head_and_flattened_inputs():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.Tanh(),
                           nn.Sequential(nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 3))).double()
