@@ -1,10 +1,12 @@
 // The conv engine's meta-step driver: per-task inner loop, query gradient and reverse
-// sweep, run in parallel over tasks. Each task's meta-gradient goes to its own row; the
-// rows are summed in task order, so the result is bitwise the same for any number of
+// sweep, run in parallel over tasks on the worker pool (worker_pool.h: a descheduled
+// worker costs parallelism, not a stall). Each task's meta-gradient goes to its own row;
+// the rows are summed in task order, so the result is bitwise the same for any number of
 // threads.
 //
 // Compiled once per instruction set (FASTMETA_ISA names the namespace; see simd.h).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -15,10 +17,7 @@
 #include "conv_passes.h"
 #include "mlp_loss.h"
 #include "reptile.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "worker_pool.h"
 
 namespace fastmeta {
 namespace FASTMETA_ISA {
@@ -112,19 +111,12 @@ class ConvMetaStep {
     if (anil_)  // the body's entries of every fast-weight slot are theta's, never written after
       for (ConvThreadWorkspace<Scalar>& w : threads_)
         for (Scalar* slot : w.phi) std::memcpy(slot, theta_, sizeof(Scalar) * head_offset_);
-#pragma omp parallel num_threads(num_threads_)
-    {
-#ifdef _OPENMP
-      ConvThreadWorkspace<Scalar>& w = threads_[omp_get_thread_num()];
-#else
-      ConvThreadWorkspace<Scalar>& w = threads_[0];
-#endif
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < args_.tasks; ++t)
-        run_task(t, w, rows_ ? rows_ + t * pp : nullptr, lr_rows_ ? lr_rows_ + t * pp : nullptr);
-      if (rows_ && !reptile_) reduce_rows(rows_, mean_);
-      if (lr_rows_) reduce_rows(lr_rows_, lr_mean_);
-    }
+    next_task_.store(0, std::memory_order_relaxed);
+    tasks_done_.store(0, std::memory_order_relaxed);
+    const auto work = [](void* self, int slot) { static_cast<ConvMetaStep*>(self)->work(slot); };
+    run_parallel(num_threads_, work, this);
+    if (rows_ && !reptile_) reduce_rows(rows_, mean_);
+    if (lr_rows_) reduce_rows(lr_rows_, lr_mean_);
     args_.all_finite = all_finite(args_.support_loss, args_.tasks * args_.inner_steps) &&
                        (reptile_ || all_finite(args_.query_loss, args_.tasks));
     if (reptile_) {
@@ -209,6 +201,17 @@ class ConvMetaStep {
                         const ConvScratch<Scalar>& scratch, Scalar* grad) const {
     if (anil_) head_backward(layout_, p, buf, grad, false);
     else conv_backward(layout_, p, buf, scratch, grad);
+  }
+
+  // One thread's share: tasks until none is left; slot 0 then waits for the others'.
+  void work(int slot) {
+    ConvThreadWorkspace<Scalar>& w = threads_[slot];
+    const int64_t pp = layout_.padded_size;
+    for (int64_t t; (t = next_task_.fetch_add(1, std::memory_order_relaxed)) < args_.tasks;) {
+      run_task(t, w, rows_ ? rows_ + t * pp : nullptr, lr_rows_ ? lr_rows_ + t * pp : nullptr);
+      tasks_done_.fetch_add(1, std::memory_order_release);
+    }
+    if (slot == 0) wait_for(tasks_done_, args_.tasks);
   }
 
   // One task; its meta-gradient (Reptile: phi_K) is written to `row` (null: losses only),
@@ -327,12 +330,11 @@ class ConvMetaStep {
     }
   }
 
-  // mean[p] = (rows[0][p] + rows[1][p] + ...) / T in task order; the columns are shared
-  // among the threads (called inside the parallel region).
+  // mean[p] = (rows[0][p] + rows[1][p] + ...) / T in task order (a few milliseconds at
+  // most, against a meta-step of hundreds: not worth sharing among the threads).
   void reduce_rows(const Scalar* rows, Scalar* mean) const {
     const int64_t pp = layout_.padded_size, chunk = 1024;
     const Scalar inv = Scalar(1) / Scalar(args_.tasks);
-#pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < pp; p0 += chunk) {
       const int64_t n = std::min(chunk, pp - p0);
       Scalar* out = mean + p0;
@@ -368,6 +370,7 @@ class ConvMetaStep {
   Scalar *rows_ = nullptr, *lr_rows_ = nullptr;  // [T, Pp]: every task's meta-gradient (Reptile:
                                                  // phi_K) and rate gradient
   std::vector<ConvThreadWorkspace<Scalar>> threads_;
+  std::atomic<int64_t> next_task_{0}, tasks_done_{0};  // work sharing, reset by every call
 };
 
 // The arena's plan: the block the last call carved (same key: same pieces, same place).
@@ -377,12 +380,7 @@ struct CarvedBlock : Arena::Plan {
 
 template <typename Scalar>
 void run_conv_meta_step(const ConvSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena) {
-#ifdef _OPENMP
-  const int max_threads = omp_get_max_threads();
-#else
-  const int max_threads = 1;
-#endif
-  ConvMetaStep<Scalar> step(spec, args, max_threads);
+  ConvMetaStep<Scalar> step(spec, args, max_threads());
   std::vector<int64_t> key = step.plan_key();
   auto* plan = static_cast<CarvedBlock*>(arena.plan(key));
   if (!plan) {
