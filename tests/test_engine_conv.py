@@ -6,7 +6,7 @@ image sizes 28, 27, 17 and 9 (odd sizes drop a row and a column at every pooling
 and without convolution biases, 1 and 3 inner steps, second- and first-order MAML, both
 losses. Support and query losses, adapted weights and meta-gradients agree to a relative
 error (norm-wise) below 1e-10 in float64 and 1e-5 in float32 (each meta-gradient tensor
-on its own: 1e-4), the result is bitwise the same with one or two OpenMP threads, and every
+on its own: 1e-4), the result is bitwise the same with one or two threads, and every
 instruction-set build of the engine agrees with the widest one.
 """
 from __future__ import annotations
