@@ -44,21 +44,6 @@ std::unique_ptr<ConvEngine> make_engine(int64_t in_channels, int64_t height, int
   }
 }
 
-// One pointer per parameter tensor (torch order), each checked against the spec's sizes.
-template <typename Scalar>
-std::vector<Scalar*> tensor_pointers(const ConvSpec& spec, const py::list& tensors,
-                                     const char* what, bool writable) {
-  const std::vector<int64_t> sizes = spec.tensor_sizes();
-  if (tensors.size() != sizes.size())
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(sizes.size()) +
-                          " tensors, got " + std::to_string(tensors.size()));
-  std::vector<Scalar*> pointers;
-  for (std::size_t i = 0; i < sizes.size(); ++i)
-    pointers.push_back(view_flat<Scalar>(tensors[i], {what, static_cast<int64_t>(i)}, sizes[i],
-                                         writable));
-  return pointers;
-}
-
 // Images [T, N, C, H, W], each task C-contiguous; returns the view, checked against the spec.
 template <typename Scalar>
 TaskBuffer<Scalar> images(const ConvSpec& spec, py::handle x, const char* name, int64_t tasks) {
@@ -74,89 +59,29 @@ TaskBuffer<Scalar> images(const ConvSpec& spec, py::handle x, const char* name, 
   return view;
 }
 
-template <typename Scalar>
-bool meta_step_typed(ConvEngine& engine, const py::list& params, const py::object& lr,
-                     const std::string& algorithm, int64_t inner_steps,
-                     const py::buffer& support_x, const py::buffer& support_y,
-                     const py::object& query_x, const py::object& query_y, bool need_grad,
-                     const py::buffer& support_loss, const py::object& query_loss,
-                     const py::object& query_accuracy, const py::object& grad,
-                     const py::object& lr_grad, const py::object& adapted) {
-  const ConvSpec& spec = engine.spec();
-  MetaStepArgs<Scalar> args;
-  args.algorithm = parse_algorithm(algorithm, "ConvEngine.meta_step");
-  if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
-  args.inner_steps = inner_steps;
-  args.need_grad = need_grad;
-  const auto inputs = [&](const py::list& tensors, const char* what) {
-    std::vector<Scalar*> p = tensor_pointers<Scalar>(spec, tensors, what, false);
-    return std::vector<const Scalar*>(p.begin(), p.end());
-  };
-  args.params = inputs(params, "params");
-  if (py::isinstance<py::list>(lr)) {
-    if (args.algorithm == Algorithm::reptile)
-      throw py::value_error("meta_step: reptile takes a scalar inner learning rate");
-    args.lrs = inputs(lr.cast<py::list>(), "lr");
-  } else {
-    args.lr = lr.cast<Scalar>();
-  }
-
-  TaskBuffer<Scalar> sx = images<Scalar>(spec, support_x, "support_x", -1);
-  args.tasks = sx.tasks;
-  args.support = sx.rows;
-  args.support_x = sx.data;
-  args.support_x_stride = sx.task_stride;
-  args.support_y = target_pointer<Scalar>(spec.loss, spec.outputs, support_y, "support_y",
-                                          args.tasks, args.support, args.support_y_stride);
-  args.support_loss =
-      view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true);
-
-  if (args.algorithm != Algorithm::reptile) {
-    if (query_x.is_none() || query_y.is_none() || query_loss.is_none())
-      throw py::value_error("meta_step: MAML-type algorithms need query_x, query_y and query_loss");
-    TaskBuffer<Scalar> qx = images<Scalar>(spec, query_x, "query_x", args.tasks);
-    args.query = qx.rows;
-    args.query_x = qx.data;
-    args.query_x_stride = qx.task_stride;
-    args.query_y = target_pointer<Scalar>(spec.loss, spec.outputs, query_y,
-                                          "query_y", args.tasks, args.query, args.query_y_stride);
-    args.query_loss = view_shaped<Scalar>(query_loss, "query_loss", {args.tasks}, true);
-    if (spec.loss == Loss::cross_entropy)
-      args.query_accuracy = optional_output<Scalar>(query_accuracy, "query_accuracy", {args.tasks});
-  }
-
-  if ((need_grad || args.algorithm == Algorithm::reptile) && grad.is_none())
-    throw py::value_error("meta_step: grad is required when need_grad (and for reptile)");
-  if (!grad.is_none())
-    args.grads = tensor_pointers<Scalar>(spec, grad.cast<py::list>(), "grad", true);
-  args.need_grad = need_grad && !args.grads.empty();
-  if (!args.lrs.empty() && args.need_grad && !lr_grad.is_none())
-    args.lr_grads = tensor_pointers<Scalar>(spec, lr_grad.cast<py::list>(), "lr_grad", true);
-  args.adapted = optional_output<Scalar>(adapted, "adapted", {args.tasks, spec.num_params()});
-
-  {
-    py::gil_scoped_release release;
-    engine.meta_step(args);
-  }
-  return args.all_finite;
-}
-
 bool meta_step(ConvEngine& engine, const py::list& params, const py::object& lr,
                const std::string& algorithm, int64_t inner_steps, const py::buffer& support_x,
                const py::buffer& support_y, const py::object& query_x, const py::object& query_y,
                bool need_grad, const py::buffer& support_loss, const py::object& query_loss,
                const py::object& query_accuracy, const py::object& grad,
                const py::object& lr_grad, const py::object& adapted) {
-  const std::string format = support_x.request().format;
-  if (format == py::format_descriptor<float>::format())
-    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x,
-                                  support_y, query_x, query_y, need_grad, support_loss,
-                                  query_loss, query_accuracy, grad, lr_grad, adapted);
-  if (format == py::format_descriptor<double>::format())
-    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x,
-                                   support_y, query_x, query_y, need_grad, support_loss,
-                                   query_loss, query_accuracy, grad, lr_grad, adapted);
-  throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
+  const MetaStepCall call{params, lr, algorithm, inner_steps, support_x, support_y,
+                          query_x, query_y, need_grad, support_loss, query_loss,
+                          query_accuracy, grad, lr_grad, adapted};
+  const ConvSpec& spec = engine.spec();
+  const ModelShape model{spec.tensor_sizes(), spec.num_params(), spec.outputs, spec.loss};
+  return run_typed(support_x, [&](auto zero) {
+    using Scalar = decltype(zero);
+    MetaStepArgs<Scalar> args = meta_step_args<Scalar>(
+        call, model, "ConvEngine.meta_step", [&](py::handle x, const char* name, int64_t tasks) {
+          return images<Scalar>(spec, x, name, tasks);
+        });
+    {
+      py::gil_scoped_release release;
+      engine.meta_step(args);
+    }
+    return args.all_finite;
+  });
 }
 
 }  // namespace

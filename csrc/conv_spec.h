@@ -47,12 +47,6 @@ struct ConvSpec {
     return total + outputs * features() + (head_bias ? outputs : 0);
   }
 
-  int64_t num_tensors() const {
-    int64_t total = 0;
-    for (bool b : conv_bias) total += b ? 4 : 3;
-    return total + (head_bias ? 2 : 1);
-  }
-
   // Element counts of the parameter tensors, in torch order.
   std::vector<int64_t> tensor_sizes() const {
     std::vector<int64_t> sizes;

@@ -43,103 +43,17 @@ std::unique_ptr<MlpEngine> make_engine(std::vector<int64_t> widths,
   return std::make_unique<MlpEngine>(std::move(spec));
 }
 
-// One pointer per parameter tensor (nn.Linear order), each checked against the spec.
+// Inputs [T, N, in], each task C-contiguous; returns the view, checked against the spec.
 template <typename Scalar>
-std::vector<Scalar*> tensor_pointers(const MlpSpec& spec, const py::list& tensors,
-                                     const char* what, bool writable) {
-  if (static_cast<int64_t>(tensors.size()) != spec.num_tensors())
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(spec.num_tensors()) +
-                          " tensors, got " + std::to_string(tensors.size()));
-  std::vector<Scalar*> pointers;
-  pointers.reserve(tensors.size());
-  const auto add = [&](int64_t numel) {
-    const int64_t i = static_cast<int64_t>(pointers.size());
-    pointers.push_back(view_flat<Scalar>(tensors[i], {what, i}, numel, writable));
-  };
-  for (int64_t l = 0; l < spec.num_layers(); ++l) {
-    add(spec.widths[l + 1] * spec.widths[l]);
-    if (spec.has_bias[l]) add(spec.widths[l + 1]);
-  }
-  return pointers;
-}
-
-template <typename Scalar>
-std::vector<const Scalar*> input_pointers(const MlpSpec& spec, const py::list& tensors,
-                                          const char* what) {
-  std::vector<Scalar*> pointers = tensor_pointers<Scalar>(spec, tensors, what, false);
-  return std::vector<const Scalar*>(pointers.begin(), pointers.end());
-}
-
-template <typename Scalar>
-bool meta_step_typed(MlpEngine& engine, const py::list& params, const py::object& lr,
-                     const std::string& algorithm, int64_t inner_steps,
-                     const py::buffer& support_x, const py::buffer& support_y,
-                     const py::object& query_x, const py::object& query_y, bool need_grad,
-                     const py::buffer& support_loss, const py::object& query_loss,
-                     const py::object& query_accuracy, const py::object& grad,
-                     const py::object& lr_grad, const py::object& adapted) {
-  const MlpSpec& spec = engine.spec();
-  MetaStepArgs<Scalar> args;
-  args.algorithm = parse_algorithm(algorithm, "MlpEngine");
-  if (inner_steps < 1) throw py::value_error("meta_step: inner_steps must be at least 1");
-  args.inner_steps = inner_steps;
-  args.need_grad = need_grad;
-  args.params = input_pointers<Scalar>(spec, params, "params");
-  if (py::isinstance<py::list>(lr)) {
-    if (args.algorithm == Algorithm::reptile)
-      throw py::value_error("meta_step: reptile takes a scalar inner learning rate");
-    args.lrs = input_pointers<Scalar>(spec, lr.cast<py::list>(), "lr");
-  } else {
-    args.lr = lr.cast<Scalar>();
-  }
-
-  const TaskBuffer<Scalar> sx = view_tasks<Scalar>(support_x, "support_x", 3);
-  args.tasks = sx.tasks;
-  args.support = sx.rows;
-  if (args.tasks < 1 || args.support < 1 || sx.features != spec.widths[0])
-    throw py::value_error("support_x: expected shape [T >= 1, S >= 1, " +
-                          std::to_string(spec.widths[0]) + "], got " +
-                          shape_of(support_x));
-  args.support_x = sx.data;
-  args.support_x_stride = sx.task_stride;
-  args.support_y = target_pointer<Scalar>(spec.loss, spec.widths.back(), support_y, "support_y",
-                                          args.tasks, args.support,
-                                          args.support_y_stride);
-  args.support_loss =
-      view_shaped<Scalar>(support_loss, "support_loss", {args.tasks, inner_steps}, true);
-
-  if (args.algorithm != Algorithm::reptile) {
-    if (query_x.is_none() || query_y.is_none() || query_loss.is_none())
-      throw py::value_error("meta_step: MAML-type algorithms need query_x, query_y and query_loss");
-    const TaskBuffer<Scalar> qx = view_tasks<Scalar>(query_x, "query_x", 3);
-    args.query = qx.rows;
-    if (qx.tasks != args.tasks || args.query < 1 || qx.features != spec.widths[0])
-      throw py::value_error("query_x: expected shape [" + std::to_string(args.tasks) +
-                            ", Q >= 1, " + std::to_string(spec.widths[0]) + "], got " +
-                            shape_of(query_x));
-    args.query_x = qx.data;
-    args.query_x_stride = qx.task_stride;
-    args.query_y = target_pointer<Scalar>(spec.loss, spec.widths.back(), query_y, "query_y",
-                                          args.tasks, args.query,
-                                          args.query_y_stride);
-    args.query_loss = optional_output<Scalar>(query_loss, "query_loss", {args.tasks});
-    if (spec.loss == Loss::cross_entropy)
-      args.query_accuracy = optional_output<Scalar>(query_accuracy, "query_accuracy", {args.tasks});
-  }
-  const int64_t num_params = spec.num_params();
-  if ((need_grad || args.algorithm == Algorithm::reptile) && grad.is_none())
-    throw py::value_error("meta_step: grad is required when need_grad (and for reptile)");
-  if (!grad.is_none())
-    args.grads = tensor_pointers<Scalar>(spec, grad.cast<py::list>(), "grad", true);
-  if (!args.lrs.empty() && !lr_grad.is_none())
-    args.lr_grads = tensor_pointers<Scalar>(spec, lr_grad.cast<py::list>(), "lr_grad", true);
-  args.adapted = optional_output<Scalar>(adapted, "adapted", {args.tasks, num_params});
-
-  {
-    py::gil_scoped_release release;
-    engine.meta_step(args);
-  }
-  return args.all_finite;
+TaskBuffer<Scalar> rows(const MlpSpec& spec, py::handle x, const char* name, int64_t tasks) {
+  const TaskBuffer<Scalar> view = view_tasks<Scalar>(x, name, 3);
+  if ((tasks >= 0 && view.tasks != tasks) || view.tasks < 1 || view.rows < 1 ||
+      view.features != spec.widths[0])
+    throw py::value_error(std::string(name) + ": expected shape [" +
+                          (tasks >= 0 ? std::to_string(tasks) : std::string("T >= 1")) +
+                          ", N >= 1, " + std::to_string(spec.widths[0]) + "], got " +
+                          shape_of(x));
+  return view;
 }
 
 bool meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
@@ -148,16 +62,23 @@ bool meta_step(MlpEngine& engine, const py::list& params, const py::object& lr,
                bool need_grad, const py::buffer& support_loss, const py::object& query_loss,
                const py::object& query_accuracy, const py::object& grad,
                const py::object& lr_grad, const py::object& adapted) {
-  const std::string format = Buffer(support_x, false).format();
-  if (format == FormatOf<float>::name)
-    return meta_step_typed<float>(engine, params, lr, algorithm, inner_steps, support_x,
-                                  support_y, query_x, query_y, need_grad, support_loss,
-                                  query_loss, query_accuracy, grad, lr_grad, adapted);
-  if (format == FormatOf<double>::name)
-    return meta_step_typed<double>(engine, params, lr, algorithm, inner_steps, support_x,
-                                   support_y, query_x, query_y, need_grad, support_loss,
-                                   query_loss, query_accuracy, grad, lr_grad, adapted);
-  throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
+  const MetaStepCall call{params, lr, algorithm, inner_steps, support_x, support_y,
+                          query_x, query_y, need_grad, support_loss, query_loss,
+                          query_accuracy, grad, lr_grad, adapted};
+  const MlpSpec& spec = engine.spec();
+  const ModelShape model{spec.tensor_sizes(), spec.num_params(), spec.widths.back(), spec.loss};
+  return run_typed(support_x, [&](auto zero) {
+    using Scalar = decltype(zero);
+    MetaStepArgs<Scalar> args = meta_step_args<Scalar>(
+        call, model, "MlpEngine", [&](py::handle x, const char* name, int64_t tasks) {
+          return rows<Scalar>(spec, x, name, tasks);
+        });
+    {
+      py::gil_scoped_release release;
+      engine.meta_step(args);
+    }
+    return args.all_finite;
+  });
 }
 
 }  // namespace

@@ -34,10 +34,14 @@ struct MlpSpec {
     return total;
   }
 
-  int64_t num_tensors() const {
-    int64_t total = 0;
-    for (bool b : has_bias) total += b ? 2 : 1;
-    return total;
+  // Elements of each parameter tensor, in nn.Linear order.
+  std::vector<int64_t> tensor_sizes() const {
+    std::vector<int64_t> sizes;
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      sizes.push_back(widths[l + 1] * widths[l]);
+      if (has_bias[l]) sizes.push_back(widths[l + 1]);
+    }
+    return sizes;
   }
 
   void validate() const {
