@@ -39,7 +39,7 @@ class Unavailable(Exception):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Workload:
-    key: str                      # "W1", "W2", "W3"
+    key: str                      # "W1" .. "W4"
     title: str
     make_model: Callable[[], nn.Module]
     loss: str                     # "mse" | "cross_entropy"
@@ -120,16 +120,29 @@ def omniglot_mlp_workload(meta_batch=32, n_way=5, k_shot=1, q_query=15) -> Workl
 
 
 def conv4_workload(meta_batch=32, n_way=5, k_shot=1, q_query=15) -> Workload:
-    sx, sy, qx, qy = _few_shot_batch(meta_batch, n_way, k_shot, q_query, (1, 28, 28))
+    return _conv4_workload("W2", "Omniglot", 1, 64, 28, 0.4, meta_batch, n_way, k_shot, q_query)
+
+
+def mini_imagenet_workload(meta_batch=4, n_way=5, k_shot=1, q_query=15) -> Workload:
+    # (the MAML paper's mini-ImageNet setting: 32 filters, inner rate 0.01, 5 inner steps)
+    return _conv4_workload("W4", "mini-ImageNet", 3, 32, 84, 0.01, meta_batch, n_way, k_shot,
+                           q_query)
+
+
+def _conv4_workload(key, data, channels, hidden, size, inner_lr, meta_batch, n_way, k_shot, q_query):
+    sx, sy, qx, qy = _few_shot_batch(meta_batch, n_way, k_shot, q_query, (channels, size, size))
     return Workload(
-        "W2", f"Omniglot conv4 (hidden 64, 28x28x1), {n_way}-way {k_shot}-shot, "
-              f"{q_query} queries/class, meta-batch {meta_batch}",
-        lambda: fastmeta.models.conv4(in_channels=1, n_way=n_way, hidden=64, image_size=28),
-        "cross_entropy", 0.4, sx, sy, qx, qy, conv4_layer_flops(1, 64, 28, n_way),
-        "synthetic 28x28x1 inputs; batch norm with batch statistics")
+        key, f"{data} conv4 (hidden {hidden}, {size}x{size}x{channels}), {n_way}-way "
+             f"{k_shot}-shot, {q_query} queries/class, meta-batch {meta_batch}",
+        lambda: fastmeta.models.conv4(in_channels=channels, n_way=n_way, hidden=hidden,
+                                      image_size=size),
+        "cross_entropy", inner_lr, sx, sy, qx, qy,
+        conv4_layer_flops(channels, hidden, size, n_way),
+        f"synthetic {size}x{size}x{channels} inputs; batch norm with batch statistics")
 
 
-WORKLOADS = {"W1": sinusoid_workload, "W2": conv4_workload, "W3": omniglot_mlp_workload}
+WORKLOADS = {"W1": sinusoid_workload, "W2": conv4_workload, "W3": omniglot_mlp_workload,
+             "W4": mini_imagenet_workload}
 
 
 # ---------------------------------------------------------------------------------------------

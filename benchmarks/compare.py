@@ -2,7 +2,7 @@
 """Side-by-side comparison of meta-learning implementations on the same data and weights.
 
     python benchmarks/compare.py                          # W1 and W3, 20 repeats
-    python benchmarks/compare.py --workloads W2 --w2-repeats 3
+    python benchmarks/compare.py --workloads W2,W4 --slow-repeats 3
     python benchmarks/compare.py --memory                 # peak-RSS growth, W3, K = 1 5 10 20
     python benchmarks/compare.py --markdown out.md        # also write the report to a file
 
@@ -18,7 +18,9 @@ initial model copied into every implementation):
     W3  Omniglot MLP 784-256-128-64-64-5, 5-way 1-shot, 15 queries/class, meta-batch 32:
         2nd-order MAML 1 and 5 steps, 1st-order MAML 1 and 5 steps, Reptile 5 steps
     W2  Omniglot conv4 (hidden 64, 28x28x1), same task shape: 2nd-order MAML, 1 and 5 steps
-        (seconds per step: its repeat count is --w2-repeats)
+    W4  mini-ImageNet conv4 (hidden 32, 84x84x3), 5-way 1-shot, 15 queries/class,
+        meta-batch 4: 2nd-order MAML, 5 steps (inner rate 0.01, the MAML paper's setting)
+        (W2 and W4 take seconds per step: their repeat count is --slow-repeats)
 
 Implementations: fastmeta backend="cpu" (when it can serve the call; otherwise the row says
 why), fastmeta backend="torch" (the reference engine), torch.func (vmap + functional_call +
@@ -57,7 +59,9 @@ import fastmeta  # noqa: E402
 W3_ALGORITHMS = [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5), bw.Algorithm("fomaml", 1),
                  bw.Algorithm("fomaml", 5), bw.Algorithm("reptile", 5)]
 PLAN = {"W1": [bw.Algorithm("maml2", 1)], "W3": W3_ALGORITHMS,
-        "W2": [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5)]}
+        "W2": [bw.Algorithm("maml2", 1), bw.Algorithm("maml2", 5)],
+        "W4": [bw.Algorithm("maml2", 5)]}
+SLOW = ("W2", "W4")  # seconds per meta-step: --slow-repeats timed steps after one warm-up
 MEMORY_STEPS = (1, 5, 10, 20)
 MMAP_THRESHOLD = 1 << 20  # bytes, for the memory-mode children
 REFERENCE = "fastmeta-torch"
@@ -285,14 +289,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="W1,W3",
-                        help="comma-separated subset of W1,W2,W3 (default W1,W3; W2 takes minutes)")
+                        help="comma-separated subset of W1,W2,W3,W4 (default W1,W3; W2 and W4 "
+                             "take minutes)")
     parser.add_argument("--repeats", type=int, default=20, help="timed meta-steps per cell (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed meta-steps first (default 3)")
     parser.add_argument("--block-ms", type=float, default=20.0,
                         help="each timed block runs consecutive meta-steps for about this long "
                              "(default 20; 0 times single meta-steps)")
-    parser.add_argument("--w2-repeats", type=int, default=3,
-                        help="timed meta-steps for W2, with 1 warm-up (default 3)")
+    parser.add_argument("--slow-repeats", "--w2-repeats", type=int, default=3,
+                        help="timed meta-steps for W2 and W4, with 1 warm-up (default 3)")
     parser.add_argument("--impls", default=",".join(bw.IMPLEMENTATIONS),
                         help=f"comma-separated subset of {','.join(bw.IMPLEMENTATIONS)}")
     parser.add_argument("--memory", action="store_true",
@@ -333,13 +338,13 @@ def main(argv=None) -> int:
         keys = [k.strip().upper() for k in args.workloads.split(",") if k.strip()]
         bad = [k for k in keys if k not in PLAN]
         if bad:
-            parser.error(f"unknown workload(s) {bad}; choose from W1, W2, W3")
+            parser.error(f"unknown workload(s) {bad}; choose from {', '.join(PLAN)}")
         log("measuring the float32 matmul peak ...")
         peak_start, how_start = matmul_peak()
         cells = []
         for key in keys:
             w = bw.WORKLOADS[key]()
-            repeats, warmup = (args.w2_repeats, 1) if key == "W2" else (args.repeats, args.warmup)
+            repeats, warmup = (args.slow_repeats, 1) if key in SLOW else (args.repeats, args.warmup)
             for algo in PLAN[key]:
                 results = run_cell(w, algo, impls, repeats, warmup, args.block_ms / 1e3, log)
                 cells.append((w, algo, repeats, warmup, results))

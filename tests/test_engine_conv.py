@@ -1,13 +1,14 @@
 """The compiled conv engine (fastmeta._core.ConvEngine, fastmeta/engine_conv.py) against the
 torch reference engine (fastmeta.MAML / MetaSGD / ANIL / Reptile with backend="torch").
 
-On fresh random inputs: conv4-shaped models with 1 and 3 input channels, 4 to 8 filters,
-image sizes 28, 27, 17 and 9 (odd sizes drop a row and a column at every pooling), with
-and without convolution biases, 1 and 3 inner steps, second- and first-order MAML, both
-losses. Support and query losses, adapted weights and meta-gradients agree to a relative
-error (norm-wise) below 1e-10 in float64 and 1e-5 in float32 (each meta-gradient tensor
-on its own: 1e-4), the result is bitwise the same with one or two threads, and every
-instruction-set build of the engine agrees with the widest one.
+On fresh random inputs: conv4-shaped models with 1 and 3 input channels, 4 to 32 filters,
+image sizes 84 (mini-ImageNet), 28, 27, 20, 17, 11 and 9 (odd sizes drop a row and a column
+at every pooling), with and without convolution biases, 1 and 3 inner steps, second- and
+first-order MAML, both losses. Support and query losses, adapted weights and
+meta-gradients agree to a relative error (norm-wise) below 1e-10 in float64 and 1e-5 in
+float32 (each meta-gradient tensor on its own: 1e-4), the result is bitwise the same with
+one or two threads, and every instruction-set build of the engine agrees with the widest
+one.
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ CASES = [
     # whole vectors of channels (16, 32): the forward products' axpy form
     (1, 16, 20, 4, True, 2, 2, "second_order", "cross_entropy"),
     (3, 32, 11, 3, False, 2, 1, "second_order", "mse"),
+    # mini-ImageNet's 84x84x3 (84 -> 42 -> 21 -> 10 -> 5: an odd size midway)
+    (3, 4, 84, 4, True, 1, 1, "second_order", "cross_entropy"),
 ]
 
 
