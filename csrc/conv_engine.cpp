@@ -381,16 +381,13 @@ struct CarvedBlock : Arena::Plan {
 template <typename Scalar>
 void run_conv_meta_step(const ConvSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena) {
   ConvMetaStep<Scalar> step(spec, args, max_threads());
-  std::vector<int64_t> key = step.plan_key();
-  auto* plan = static_cast<CarvedBlock*>(arena.plan(key));
-  if (!plan) {
-    auto fresh = std::make_unique<CarvedBlock>();
-    fresh->key = std::move(key);
-    plan = fresh.get();
-    const std::size_t bytes = step.carve(nullptr);
-    plan->base = arena.reset(bytes, std::move(fresh));
-  }
-  step.carve(plan->base);
+  // (the step's pieces are its own members: every call carves them again from the block)
+  const CarvedBlock& plan = arena.plan_for<CarvedBlock>(
+      step.plan_key(), [&](char* base, CarvedBlock& block) {
+        block.base = base;
+        return step.carve(base);
+      });
+  step.carve(plan.base);
   step.run();
 }
 

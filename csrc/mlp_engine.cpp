@@ -534,16 +534,9 @@ void run_meta_step(const MlpSpec& spec, MetaStepArgs<Scalar>& args, Arena& arena
     return;
   }
   MetaStep<Scalar> step(spec, args, threads);
-  const std::vector<int64_t> key = step.key();
-  auto* ws = static_cast<Workspace<Scalar>*>(arena.plan(key));
-  if (!ws) {
-    auto fresh = std::make_unique<Workspace<Scalar>>();
-    fresh->key = key;
-    const std::size_t bytes = step.carve(nullptr, *fresh);
-    ws = fresh.get();
-    step.carve(arena.reset(bytes, std::move(fresh)), *ws);
-  }
-  step.run(*ws);
+  step.run(arena.plan_for<Workspace<Scalar>>(step.key(), [&](char* base, Workspace<Scalar>& ws) {
+    return step.carve(base, ws);
+  }));
 }
 
 }  // namespace

@@ -50,6 +50,20 @@ class Arena {
   void invalidate() { plan_.reset(); }
   std::size_t capacity() const { return capacity_; }
 
+  // The plan for `key`, made when the current one has another key: `carve(base, plan)`
+  // assigns the plan its pieces and returns their total size (base == nullptr: it only
+  // measures); the block is then reset to that size and carved for real.
+  template <typename PlanType, typename Carve>
+  PlanType& plan_for(std::vector<int64_t> key, Carve&& carve) {
+    if (Plan* current = plan(key)) return *static_cast<PlanType*>(current);
+    auto fresh = std::make_unique<PlanType>();
+    fresh->key = std::move(key);
+    PlanType& made = *fresh;
+    const std::size_t bytes = carve(nullptr, made);
+    carve(reset(bytes, std::move(fresh)), made);
+    return made;
+  }
+
  private:
   char* data_ = nullptr;
   std::size_t capacity_ = 0;
