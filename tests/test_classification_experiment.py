@@ -91,7 +91,8 @@ def test_tiny_run_writes_everything(tmp_path, capsys, algorithm, model):
     # The table: the meta-learner and both baselines, with CIs.
     assert f"{algorithm} (meta-learned)" in out
     assert "from scratch on the support set" in out and "pretrained on the 32 training" in out
-    assert out.count("±") == 4  # the header and three methods
+    # the header, three methods, and the meta-learner minus each baseline paired over the tasks
+    assert out.count("±") == 6 and f"{algorithm} − this (paired, same tasks)" in out
 
     records = read_metrics(output / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [2, 3, 4, 6]
@@ -107,6 +108,11 @@ def test_tiny_run_writes_everything(tmp_path, capsys, algorithm, model):
     for method in ("meta", "scratch", "pretrained"):
         cell = results["accuracy"][method]
         assert 0 <= cell["mean"] <= 1 and cell["ci95"] >= 0
+    meta = results["accuracy"]["meta"]["mean"]
+    for method in ("scratch", "pretrained"):  # paired over the same tasks: means subtract
+        cell = results["accuracy"][method]
+        assert cell["meta_minus_this"]["mean"] == pytest.approx(meta - cell["mean"], abs=1e-12)
+        assert cell["meta_minus_this"]["ci95"] >= 0
     state = checkpoint.load(output)
     assert state["iteration"] == 6 and state["config"]["algorithm"] == algorithm
     for key in ("model", "algorithm", "optimizer", "sampler", "torch_rng"):
@@ -122,7 +128,7 @@ def test_eval_of_a_checkpoint(tmp_path, capsys):
     code, out, err = run_cli(["eval", str(output), "--eval-tasks", "5",
                               "--output", str(tmp_path / "eval")], capsys)
     assert code == 0, err
-    assert "protonet (meta-learned)" in out and out.count("±") == 4
+    assert "protonet (meta-learned)" in out and out.count("±") == 6
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["eval_tasks"] == 5 and results["iterations"] == 6
     assert (tmp_path / "eval" / "test_task.png").is_file()

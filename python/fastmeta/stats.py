@@ -28,8 +28,9 @@ def mean_ci(values: Iterable[float] | torch.Tensor | np.ndarray, z: float = Z_95
     return mean, float(z * array.std(ddof=1) / math.sqrt(array.size))
 
 
-def format_ci(mean: float, half_width: float, digits: int = 3) -> str:
-    """``"0.771 ± 0.032"``."""
+def format_ci(mean: float, half_width: float, digits: int = 3, signed: bool = False) -> str:
+    """``"0.771 ± 0.032"`` (``signed``: ``"+0.010 ± 0.004"``, for a difference)."""
+    sign = "+" if signed else ""
     if half_width is None or math.isnan(half_width):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half_width:.{digits}f}"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {half_width:.{digits}f}"

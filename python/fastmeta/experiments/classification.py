@@ -858,8 +858,12 @@ def evaluate(learner: nn.Module, config: dict[str, Any], splits: Splits, seed: i
                                                                 c.query_x, lr, steps, head),
                                                 c.query_y) for c in chunks])
             mean, ci = mean_ci(accuracy)
+            # The same test tasks: the paired difference's CI is the comparison's own (much
+            # narrower than the two CIs side by side, which share the tasks' difficulty).
+            gain, gain_ci = mean_ci(per_task - accuracy)
             results["accuracy"][name] = {"mean": mean, "ci95": ci, "lr": lr, "steps": steps,
-                                         "head_only": head, "val_accuracy": val}
+                                         "head_only": head, "val_accuracy": val,
+                                         "meta_minus_this": {"mean": gain, "ci95": gain_ci}}
         same_budget = (fixed is not None and config["algorithm"] in GRADIENT
                        and fixed == config["eval_steps"])
         results["baseline"] = {
@@ -911,9 +915,15 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append((f"pretrained on the {classes} training classes + fine-tuned"
                      f"{_steps(acc['pretrained'])}", acc["pretrained"]))
     width = max(len(name) for name, _ in rows) + 2
-    lines.append(f"{'method':<{width}}accuracy")
+    paired = all("meta_minus_this" in cell for _, cell in rows[1:]) and len(rows) > 1
+    lines.append(f"{'method':<{width}}{'accuracy':<16}"
+                 + (f"{label} − this (paired, same tasks)" if paired else "").rstrip())
     for name, cell in rows:
-        lines.append(f"{name:<{width}}{format_ci(cell['mean'], cell['ci95'])}")
+        line = f"{name:<{width}}{format_ci(cell['mean'], cell['ci95']):<16}"
+        if paired and "meta_minus_this" in cell:
+            gain = cell["meta_minus_this"]
+            line += format_ci(gain["mean"], gain["ci95"], signed=True)
+        lines.append(line.rstrip())
     if "adaptation" in results:
         lines.append(f"{label} {results['adaptation']}.")
     if "scratch" in acc:
