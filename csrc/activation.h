@@ -32,7 +32,8 @@ void apply_activation(Activation act, int64_t rows, int64_t cols, Scalar* a, int
       break;
     case Activation::relu:
 #pragma omp simd
-      for (int64_t j = 0; j < rows * ld; ++j) a[j] = a[j] > Scalar(0) ? a[j] : Scalar(0);
+      for (int64_t j = 0; j < rows * ld; ++j)  // (a NaN passes, as in torch)
+        a[j] = a[j] < Scalar(0) ? Scalar(0) : a[j];
       break;
     case Activation::tanh:
       for (int64_t r = 0; r < rows; ++r)

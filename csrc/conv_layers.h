@@ -306,14 +306,15 @@ void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps,
           uint8_t where = 0;
           for (int a = 1; a < 4; ++a) {
             const Scalar y = gamma[c] * p[a][c] + beta[c];
-            if (y > best) {
+            if (y > best || y != y) {  // (a NaN wins and stays: see below)
               best = y;
               best_x = p[a][c];
               where = static_cast<uint8_t>(a);
             }
           }
           arg[out + c] = where;
-          pooled[out + c] = best > Scalar(0) ? best : Scalar(0);
+          // A NaN passes the max and the ReLU (as in torch): a NaN loss must not turn finite.
+          pooled[out + c] = best < Scalar(0) ? Scalar(0) : best;
           routed[out + c] = best_x;
         }
       }

@@ -144,7 +144,9 @@ inline void axpy_tile(const AxpyOperand<Scalar>* ops, int num_ops, int64_t depth
     for (int j = 0; j < CB; ++j) {
       typename S::Vec v = acc[r][j] * factor;
       if (addend) v += S::load(addend + r * ld_addend + j * S::kLanes);
-      if (relu) v = v > S::zero() ? v : S::zero();
+      // (written so that a NaN passes, as torch's relu lets it: a NaN loss must not turn
+      // finite; one max instruction)
+      if (relu) v = v < S::zero() ? S::zero() : v;
       S::store(c + r * ldc + j * S::kLanes, v);
     }
   }

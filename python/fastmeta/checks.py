@@ -33,6 +33,7 @@ def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None,
                  scan_values: bool = True) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dtype != like.dtype:
@@ -47,6 +48,15 @@ def check_inputs(name: str, x: Tensor, like: Tensor, num_tasks: int | None,
         raise ValueError(f"{name} has {x.shape[0]} tasks but the support set has {num_tasks}")
     if scan_values:
         check_no_nan(name, x)
+
+
+def check_dense(name: str, x: Tensor) -> None:
+    """A dense (strided) tensor with values: not sparse, mkldnn, nested or on "meta"."""
+    if x.layout != torch.strided or x.is_nested:
+        layout = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} one")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device: it has no values to learn from")
 
 
 def check_no_nan(name: str, x: Tensor) -> None:
@@ -67,6 +77,7 @@ def check_targets(name: str, y: Tensor, x: Tensor, loss: str, num_classes: int |
                   scan_values: bool = True) -> None:
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    check_dense(name, y)
     if y.device != x.device:
         raise ValueError(f"{name} is on {y.device} but the inputs are on {x.device}")
     if tuple(y.shape[:2]) != tuple(x.shape[:2]):
@@ -107,6 +118,8 @@ def check_task_batch(model_param: Tensor, loss: str, num_classes: int | None,
         if query_y is None:
             raise ValueError("query_y is required with query_x")
         check_targets("query_y", query_y, query_x, loss, num_classes, scan_values)
+    elif query_y is not None:
+        raise ValueError("query_x is required with query_y")
 
 
 def check_batch_values(loss: str, support_x: Tensor, support_y: Tensor,
@@ -120,10 +133,27 @@ def check_batch_values(loss: str, support_x: Tensor, support_y: Tensor,
 
 
 def output_classes(model: nn.Module) -> int | None:
-    """The output width of an nn.Sequential that ends in a Linear layer, else None."""
+    """The output width of an nn.Sequential whose last Linear layer is followed only by
+    element-wise layers (activations, Identity), else None."""
     from fastmeta.functional import flatten_sequential
 
-    layers = flatten_sequential(model)
+    layers = flatten_sequential(model) or []
+    while layers and type(layers[-1]) in _ELEMENTWISE:
+        layers = layers[:-1]
     if layers and isinstance(layers[-1], nn.Linear):
         return layers[-1].out_features
     return None
+
+
+# Layers that keep their input's shape, value by value.
+_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU,
+                nn.SiLU, nn.Softplus, nn.Dropout)
+
+
+def check_same_parameters(params: Sequence[Tensor], shapes: Sequence[tuple[int, ...]]) -> None:
+    """The learner's parameters still have the shapes they had when it was built (it read
+    the model's layers then: a layer replaced since would be used stale)."""
+    now = [tuple(p.shape) for p in params]
+    if now != list(shapes):
+        raise ValueError(f"the model's parameters changed since the learner was built (shapes "
+                         f"{list(shapes)}, now {now}); build a new learner for the changed model")

@@ -68,6 +68,8 @@ def _block_reason(conv, bn, relu, pool) -> str | None:
     """None when the four layers form one block the engine runs, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"unsupported layer {type(conv).__name__} where a block's Conv2d should be"
+    if conv.in_channels == 0 or conv.out_channels == 0:
+        return f"a Conv2d with no channels ({conv.in_channels} -> {conv.out_channels})"
     if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
             conv.padding_mode) != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
         return "a Conv2d other than 3x3 with stride 1, padding 1, no dilation or groups"
@@ -75,6 +77,8 @@ def _block_reason(conv, bn, relu, pool) -> str | None:
         return f"{type(bn).__name__} after a Conv2d (the engine needs BatchNorm2d)"
     if bn.num_features != conv.out_channels or not bn.affine:
         return "a BatchNorm2d without affine weights or of another width than its Conv2d"
+    if not bn.eps > 0 or bn.eps == float("inf"):
+        return f"a BatchNorm2d with eps={bn.eps!r} (it must be a finite positive number)"
     if type(relu) is not nn.ReLU:
         return f"{type(relu).__name__} after a BatchNorm2d (the engine needs ReLU)"
     if type(pool) is not nn.MaxPool2d:
@@ -134,6 +138,7 @@ class CompiledConv4(CompiledEngine):
         self.reason: str | None = spec if isinstance(spec, str) else None
         self.spec: ConvSpec | None = None if isinstance(spec, str) else spec
         self.head_only = False  # ANIL: only the Linear head adapts
+        self._norms = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
         self._engines: dict[tuple[int, int], object] = {}
         self._arrays_cache: dict[str, tuple[list[int], list]] = {}
         if self.spec is None:
@@ -169,6 +174,12 @@ class CompiledConv4(CompiledEngine):
         return self.spec.image_reason(x.shape[3], x.shape[4])
 
     def _engine_for(self, support_x: Tensor, query_x: Tensor | None):
+        eps = tuple(float(bn.eps) for bn in self._norms)
+        if eps != self.spec.eps:  # the engines hold the eps they were built with
+            spec = conv_spec(self.model)
+            if isinstance(spec, str):
+                raise ValueError(f"the conv engine cannot run this model any more: {spec}")
+            self.spec, self._engines = spec, {}
         for x in (support_x,) if query_x is None else (support_x, query_x):
             reason = self.input_reason(x)
             if reason:
@@ -179,4 +190,8 @@ class CompiledConv4(CompiledEngine):
         return self.engine(support_x.shape[3], support_x.shape[4])
 
     def _inputs(self, x: Tensor, y: Tensor):
+        # mse targets are read flat, as the reference engine reshapes them to the output's shape
+        if self.loss == "mse" and y.numel() != x.shape[0] * x.shape[1] * self.spec.outputs:
+            raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
+                             f"shape {(x.shape[0], x.shape[1], self.spec.outputs)}")
         return _task_array(x), _task_array(y)

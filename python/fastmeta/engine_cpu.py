@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.checks import check_batch_values
+from fastmeta.checks import check_batch_values, check_same_parameters
 from fastmeta.functional import flatten_sequential
 from fastmeta.losses import check_finite
 
@@ -62,6 +62,8 @@ def mlp_spec(model: nn.Module) -> MlpSpec | str:
     for layer in layers:
         kind = type(layer)
         if kind is nn.Linear:
+            if layer.in_features == 0 or layer.out_features == 0:
+                return f"a Linear layer of zero width ({layer.in_features} -> {layer.out_features})"
             if widths and widths[-1] != layer.in_features:
                 return f"Linear layers of mismatched widths ({widths[-1]} -> {layer.in_features})"
             if not widths:
@@ -136,6 +138,10 @@ class CompiledEngine:
         dtype = _NUMPY[support_x.dtype]
         num_tasks = support_x.shape[0]
         meta_sgd = not isinstance(lrs, (int, float))
+        if meta_sgd and any(rate.dtype != support_x.dtype for rate in lrs):
+            raise TypeError(f"the inner learning rates are {lrs[0].dtype} but the model and data "
+                            f"are {support_x.dtype}: convert the learner (e.g. metasgd.double()), "
+                            f"not only the model")
         lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
         # Outputs are numpy arrays, handed to torch without a copy: cheaper than torch.empty.
         support_losses = np.empty((num_tasks, steps), dtype)
@@ -156,15 +162,18 @@ class CompiledEngine:
                             _tensors(lr_grads), _tensor(adapted), finite)
 
     def _arrays(self, key: str, tensors: Sequence[Tensor]) -> list:
-        """numpy views of parameter tensors, reused while their storage is unchanged (a cached
-        view keeps its storage alive, so an equal address means the same storage)."""
-        pointers = [t.data_ptr() for t in tensors]
+        """numpy views of parameter tensors (or Meta-SGD's rates), reused while each tensor
+        has the same address, shape and strides (a cached view keeps its storage alive, so
+        that means the same memory read the same way). New tensors are checked first: the
+        shapes are those the engine was built for."""
+        layout = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
         cached = self._arrays_cache.get(key)
-        if cached is not None and cached[0] == pointers:
+        if cached is not None and cached[0] == layout:
             return cached[1]
+        check_same_parameters(tensors, self.shapes)
         arrays = [_array(t) for t in tensors]
-        if all(t.is_contiguous() for t in tensors):
-            self._arrays_cache[key] = (pointers, arrays)
+        if all(t.is_contiguous() and not t.is_neg() for t in tensors):  # views, not copies
+            self._arrays_cache[key] = (layout, arrays)
         return arrays
 
 
@@ -256,15 +265,19 @@ def _head_layer(spec: MlpSpec, adapted: list[bool]) -> int | str:
 def _array(t: Tensor):
     if t.requires_grad:
         t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    if not t.is_contiguous() or t.is_neg():
+        t = t.resolve_neg().contiguous()
     return t.numpy()
 
 
 def _task_array(t: Tensor):
     """A numpy view of a [T, ...] batch whose tasks are each contiguous (the engine takes
     any distance between tasks: a slice of a larger batch is not copied)."""
-    a = (t.detach() if t.requires_grad else t).numpy()
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_neg():  # a lazily negated view (numpy() refuses it)
+        t = t.resolve_neg()
+    a = t.numpy()
     if not a.flags.c_contiguous and not a[0].flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a

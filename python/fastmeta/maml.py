@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.checks import (check_batch_values, check_task_batch, output_classes,
-                             reference_parameter)
+from fastmeta.checks import (check_batch_values, check_same_parameters, check_task_batch,
+                             output_classes, reference_parameter)
 from fastmeta.engine_cpu import CompiledEngine
 from fastmeta.engines import compiled_engine
 from fastmeta.functional import TaskBatchedModel, flatten_sequential, parameter_list
@@ -46,7 +46,8 @@ class MAML(nn.Module):
         self.first_order = bool(first_order)
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
-        self._batched = TaskBatchedModel(model)
+        self._batched = TaskBatchedModel(model)  # (reads the model's layers now, once)
+        self._param_shapes = [tuple(p.shape) for p in model.parameters()]
         self._num_classes = output_classes(model)
         self._compiled: CompiledEngine | None = None  # built on first use
         self._cpu_inputs: tuple | None = None  # see _resolve
@@ -81,21 +82,37 @@ class MAML(nn.Module):
         """Validates a meta-batch and returns the engine that serves it ("cpu" or "torch"):
         "torch" when ``reference_only``. ``params``: ``list(self.model.parameters())`` when
         the caller already has it."""
+        if params is None:
+            params = parameter_list(self.model)
         like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y, scan_values=False)
-        engine = "torch" if reference_only else self._resolve(like, support_x)
+        if reference_only:
+            check_same_parameters(params, self._param_shapes)
+            engine = "torch"
+        else:  # (the compiled engines give no gradient for inputs or targets)
+            inputs_grad = torch.is_grad_enabled() and (
+                support_x.requires_grad or support_y.requires_grad or query_x.requires_grad
+                or query_y.requires_grad)
+            engine = self._resolve(like, support_x, params, inputs_grad)
         if engine == "torch":  # the compiled engine scans the values as it reads them
             check_batch_values(self.loss, support_x, support_y, query_x, query_y)
         return engine
 
-    def _resolve(self, like: Tensor, support_x: Tensor) -> str:
+    def _resolve(self, like: Tensor, support_x: Tensor, params: list[Tensor],
+                 inputs_grad: bool) -> str:
         """``backends.resolve`` for this call; a "cpu" answer is remembered for inputs of the
-        same kind (it has no side effects, and a meta-step on a small model is short)."""
-        key = (self.backend, self.loss, like.device, like.dtype, tuple(support_x.shape[2:]))
+        same kind (it has no side effects, and a meta-step on a small model is short; the
+        compiled engine checks the parameters' shapes whenever they are new tensors).
+        ``inputs_grad``: the batch holds tensors that require grad."""
+        key = (self.backend, self.loss, like.device, like.dtype, tuple(support_x.shape[2:]),
+               inputs_grad)
         if self._compiled is not None and self._cpu_inputs == (self._compiled, key):
             return "cpu"
-        engine = backends.resolve(self.backend, like.device, self._compiled_reason(support_x))
+        check_same_parameters(params, self._param_shapes)
+        reason = ("inputs or targets require grad (the compiled engine computes no gradient "
+                  "for them)" if inputs_grad else self._compiled_reason(support_x))
+        engine = backends.resolve(self.backend, like.device, reason)
         self._cpu_inputs = (self._compiled, key) if engine == "cpu" else None
         return engine
 
@@ -114,6 +131,8 @@ class MAML(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
+        if query_x is None or query_y is None:
+            raise ValueError("query_x and query_y are required: the meta-loss is the query loss")
         params = parameter_list(self.model)
         engine = self._validate(support_x, support_y, query_x, query_y, params)
         if engine != self.last_backend:  # (nn.Module's __setattr__ costs microseconds)
@@ -154,8 +173,12 @@ class MetaSGD(MAML):
     def __init__(self, model: nn.Module, inner_lr_init: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", backend: str = "auto"):
         super().__init__(model, inner_lr_init, inner_steps, first_order, loss, backend)
-        self.inner_lrs = nn.ParameterList(
-            [nn.Parameter(torch.full_like(p, float(inner_lr_init))) for p in model.parameters()])
+        try:
+            rates = [torch.full_like(p, float(inner_lr_init)) for p in model.parameters()]
+        except RuntimeError as error:  # e.g. 1e300 in float32
+            raise ValueError(f"inner_lr_init={inner_lr_init!r} does not fit the model's "
+                             f"parameters: {error}") from None
+        self.inner_lrs = nn.ParameterList([nn.Parameter(rate) for rate in rates])
 
     def _inner_lrs(self) -> list:
         return list(self.inner_lrs)

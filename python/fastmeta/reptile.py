@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.checks import check_task_batch, output_classes, reference_parameter
+from fastmeta.checks import (check_same_parameters, check_task_batch, output_classes,
+                             reference_parameter)
 from fastmeta.engine_cpu import CompiledEngine
 from fastmeta.engines import compiled_engine
 from fastmeta.functional import TaskBatchedModel
@@ -32,7 +33,8 @@ class Reptile(nn.Module):
         self.inner_steps = inner_steps
         self.loss = loss
         self.backend = backends.check_backend_name(backend)
-        self._batched = TaskBatchedModel(model)
+        self._batched = TaskBatchedModel(model)  # (reads the model's layers now, once)
+        self._param_shapes = [tuple(p.shape) for p in model.parameters()]
         self._compiled: CompiledEngine | None = None  # built on first use
         #: the engine that ran the last forward's inner loop: "cpu" (compiled) or "torch"
         self.last_backend: str | None = None
@@ -45,9 +47,12 @@ class Reptile(nn.Module):
         self._validate(support_x, support_y)
         return self._adapt(support_x, support_y, steps)
 
-    def _validate(self, support_x: Tensor, support_y: Tensor) -> None:
+    def _validate(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """Checks the batch and the model; returns the model's first parameter."""
         like = reference_parameter(self.model)
         check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y)
+        check_same_parameters(list(self.model.parameters()), self._param_shapes)
+        return like
 
     def _adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> AdaptedModel:
         params = [p.detach() for p in self.model.parameters()]
@@ -56,15 +61,16 @@ class Reptile(nn.Module):
                      create_graph=False)
 
     def forward(self, support_x: Tensor, support_y: Tensor) -> Tensor:
-        like = reference_parameter(self.model)
-        engine = backends.resolve(self.backend, like.device, None)
-        self._validate(support_x, support_y)
-        if engine == "cpu":
+        like = self._validate(support_x, support_y)
+        reason = None
+        if self.backend != "torch":
             if self._compiled is None or self._compiled.loss != self.loss:
                 self._compiled = compiled_engine(self.model, self.loss)
-            if self._compiled.reason is None and self._compiled.input_reason(support_x) is None:
-                self.last_backend = "cpu"
-                return self._compiled_forward(support_x, support_y)
+            reason = self._compiled.reason or self._compiled.input_reason(support_x)
+        engine = backends.resolve(self.backend, like.device, reason)
+        if engine == "cpu":
+            self.last_backend = "cpu"
+            return self._compiled_forward(support_x, support_y)
         self.last_backend = "torch"
         adapted = self._adapt(support_x, support_y, self.inner_steps)
         params = list(self.model.parameters())
