@@ -2,6 +2,7 @@
 and leaves the model's parameters and gradients exactly as they were."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -380,3 +381,179 @@ def test_cpu_backend_on_supported_model_runs_exactly_or_refuses(algorithm):
     torch.testing.assert_close(value, loss, rtol=1e-12, atol=0)
     for p, g in zip(compiled.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled engines against odd and bad input (cases a fuzzing pass found)
+# --------------------------------------------------------------------------------------------
+def _conv_net():
+    return fastmeta.models.conv4(in_channels=1, n_way=3, hidden=4, image_size=16).double()
+
+
+def _conv_batch():
+    return classification_batch(2, 5, 4, (1, 16, 16), 3)
+
+
+def _learner(kind, model, loss, backend):
+    if kind == "reptile":
+        return fastmeta.Reptile(model, 0.1, 2, loss=loss, backend=backend)
+    return _make(kind, model, loss, backend=backend)
+
+
+def _call(learner, batch):
+    return learner(*batch[:2]) if isinstance(learner, fastmeta.Reptile) else learner(*batch)
+
+
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["maml", "fomaml", "metasgd", "reptile"])
+def test_nan_in_a_parameter_raises_as_on_the_reference_engine(network, kind):
+    """A ReLU (or max-pool) must let a NaN through, as torch's do: a NaN weight gives a NaN
+    loss, never a finite one from a partly NaN network."""
+    for backend in ("torch", "cpu"):
+        model = _classifier() if network == "mlp" else _conv_net()
+        batch = classification_batch(3, 5, 4, 4, 3) if network == "mlp" else _conv_batch()
+        learner = _learner(kind, model, "cross_entropy", backend)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = math.nan
+        with pytest.raises(FloatingPointError, match="support loss is nan for task 0"):
+            _call(learner, batch)
+
+
+def test_nan_in_a_meta_sgd_rate_raises_as_on_the_reference_engine():
+    for backend in ("torch", "cpu"):
+        learner = fastmeta.MetaSGD(_classifier(), 0.1, loss="cross_entropy", backend=backend)
+        with torch.no_grad():
+            learner.inner_lrs[0].view(-1)[3] = math.nan
+        with pytest.raises(FloatingPointError, match="query loss is nan for task 0"):
+            learner(*classification_batch(3, 5, 4, 4, 3))
+
+
+@pytest.mark.parametrize("replace", ["transposed weight", "expanded bias"])
+def test_a_parameter_relaid_at_the_same_address_is_read_anew(replace):
+    """The compiled engine's cached views of the parameters must not outlive their layout."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    batch = classification_batch(3, 5, 4, 4, 3)
+    compiled = fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="cpu")
+    compiled(*batch)
+    if replace == "transposed weight":
+        model[0].weight.data = model[0].weight.data.t()
+    else:
+        model[0].bias.data = model[0].bias.data[:1].expand(4)
+    reference = fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="torch")
+    torch.testing.assert_close(compiled(*batch), reference(*batch), rtol=1e-12, atol=0)
+
+
+def test_batch_norm_eps_changed_after_the_first_call_is_used():
+    model = _conv_net()
+    batch = _conv_batch()
+    compiled = fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="cpu")
+    compiled(*batch)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.eps = 0.5
+    reference = fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="torch")
+    torch.testing.assert_close(compiled(*batch), reference(*batch), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["maml", "metasgd", "anil", "reptile"])
+def test_a_model_changed_after_the_learner_was_built_is_refused(kind, backend):
+    """Both engines read the model's layers when the learner is built."""
+    model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    batch = classification_batch(3, 5, 4, 4, 3)
+    learner = _learner(kind, model, "cross_entropy", backend)
+    model[2] = nn.Linear(7, 3, bias=False).double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="parameters changed since the learner was built"):
+        _call(learner, batch)
+    assert_unchanged(model, before)
+
+
+def test_negated_views_are_read_as_their_values():
+    """numpy() refuses a tensor with the negative bit; the engine resolves it first."""
+    sx, sy, qx, qy = regression_batch(3, 5, 4, 2, 1)
+    negated = torch.complex(0 * sx, -sx).conj().imag  # == sx, lazily negated
+    assert negated.is_neg() and torch.equal(negated, sx)
+    model = _regressor()
+    values = [fastmeta.MAML(copy.deepcopy(model), 0.1, backend=backend)(negated, sy, qx, qy)
+              for backend in ("torch", "cpu")]
+    torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=0)
+
+
+def test_reptile_cpu_backend_refuses_a_model_it_cannot_run():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(), nn.Linear(8, 3)).double()
+    with pytest.raises(ValueError, match="backend='cpu' cannot serve this call.*LeakyReLU"):
+        fastmeta.Reptile(model, 0.1, loss="cross_entropy", backend="cpu")(
+            *classification_batch(3, 5, 4, 4, 3)[:2])
+
+
+def test_inputs_that_require_grad_get_their_gradient_from_the_reference_engine():
+    sx, sy, qx, qy = regression_batch(3, 5, 4, 2, 1)
+    sx.requires_grad_()
+    with pytest.raises(ValueError, match="require grad"):
+        fastmeta.MAML(_regressor(), 0.1, backend="cpu")(sx, sy, qx, qy)
+    grads, model = [], _regressor()
+    for backend in ("torch", "auto"):
+        learner = fastmeta.MAML(copy.deepcopy(model), 0.1, backend=backend)
+        learner(sx, sy, qx, qy).backward()
+        assert learner.last_backend == "torch"
+        grads.append(sx.grad.clone())
+        sx.grad = None
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make, error, pattern", [
+    (lambda b: (b[0].to_sparse(), *b[1:]), TypeError, "support_x must be a dense"),
+    (lambda b: (b[0], b[1].to_sparse(), *b[2:]), TypeError, "support_y must be a dense"),
+    (lambda b: (b[0].to("meta"), *b[1:]), ValueError, "support_x is on the meta device"),
+    (lambda b: (b[0], b[1], None, b[3]), ValueError, "query_x and query_y are required"),
+], ids=["sparse inputs", "sparse labels", "meta inputs", "no query_x"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_unusual_tensors_are_refused_clearly(make, error, pattern, backend, nothing_runs):
+    model = _classifier()
+    before = snapshot(model)
+    with pytest.raises(error, match=pattern):
+        fastmeta.MAML(model, 0.1, loss="cross_entropy", backend=backend)(
+            *make(classification_batch(3, 5, 4, 4, 3)))
+    assert_unchanged(model, before)
+
+
+def test_labels_are_checked_against_a_model_that_ends_in_an_activation(nothing_runs):
+    model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3), nn.Sigmoid()).double()
+    sx, sy, qx, qy = classification_batch(3, 5, 4, 4, 3)
+    qy[1, 2] = 3
+    with pytest.raises(ValueError, match=r"query_y holds labels in \[0, 3\].*< 3"):
+        fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="auto")(sx, sy, qx, qy)
+
+
+def test_meta_sgd_rates_must_follow_the_model():
+    learner = fastmeta.MetaSGD(_classifier(torch.float32), 0.1, loss="cross_entropy",
+                               backend="cpu")
+    learner.model.double()  # the model only, not the rates
+    with pytest.raises(TypeError, match="convert the learner"):
+        learner(*classification_batch(3, 5, 4, 4, 3))
+    with pytest.raises(ValueError, match="inner_lr_init=1e\\+300 does not fit"):
+        fastmeta.MetaSGD(_classifier(torch.float32), 1e300)
+
+
+def test_conv_engine_checks_mse_targets_before_it_runs():
+    model = _conv_net()
+    sx, _, qx, _ = _conv_batch()
+    sy, qy = torch.randn(2, 5, 2, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"targets have shape \(2, 5, 2\) but the model's output"):
+        fastmeta.MAML(model, 0.1, loss="mse", backend="cpu")(sx, sy, qx, qy)
+
+
+@pytest.mark.parametrize("model, words", [
+    (lambda: nn.Sequential(nn.Linear(0, 3)), "Linear layer of zero width"),
+    (lambda: fastmeta.models.conv4(1, 3, 4, 16), "eps=0.0"),
+], ids=["zero-width Linear", "batch norm eps 0"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_compiled_engines_name_degenerate_layers(model, words):
+    model = model().double()
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.eps = 0.0
+    with pytest.raises(ValueError, match=words):
+        fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="cpu")(
+            *classification_batch(2, 3, 2, (0,) if "Linear" in words else (1, 16, 16), 3))
