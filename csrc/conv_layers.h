@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "conv_layout.h"
@@ -281,7 +282,9 @@ void bn_relu_pool_forward(const ConvBlockLayout& b, int64_t samples, Scalar eps,
   std::vector<Scalar> inv_s(ch);
   for (int64_t c = 0; c < ch; ++c) {
     s[c] = std::sqrt(moments.m2[c] / Scalar(rows) + eps);
-    inv_s[c] = Scalar(1) / s[c];
+    // An overflowed variance would normalise to zeros, a finite loss from garbage: NaN
+    // instead, which the loss reports (see the NaN-passing max below).
+    inv_s[c] = std::isfinite(s[c]) ? Scalar(1) / s[c] : std::numeric_limits<Scalar>::quiet_NaN();
   }
   const Scalar* m = moments.mean;
   const Scalar* is = inv_s.data();

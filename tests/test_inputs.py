@@ -557,3 +557,12 @@ def test_compiled_engines_name_degenerate_layers(model, words):
     with pytest.raises(ValueError, match=words):
         fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="cpu")(
             *classification_batch(2, 3, 2, (0,) if "Linear" in words else (1, 16, 16), 3))
+
+
+def test_conv_engine_reports_an_overflowed_batch_norm_instead_of_a_finite_loss():
+    """Inputs of 1e300 overflow the batch-norm variance; normalising by an infinite scale
+    would give zeros and a finite loss computed from nothing."""
+    sx, sy, qx, qy = _conv_batch()
+    learner = fastmeta.MAML(_conv_net(), 0.1, loss="cross_entropy", backend="cpu")
+    with pytest.raises(FloatingPointError, match="support loss is nan for task 0"):
+        learner(sx * 1e300, sy, qx, qy)
