@@ -4,12 +4,10 @@ Meta-SGD, ANIL and Reptile meta-steps for an ``nn.Sequential`` of blocks
 and a ``Linear`` head (``fastmeta.models.conv4``), all tasks of a meta-batch in one call into
 ``fastmeta._core.ConvEngine``. ANIL (``adapted`` marks exactly the head's parameters)
 computes each task's body features once and adapts the head alone. ``backend="auto"``
-picks it for such models on the CPU (see :func:`fastmeta.engine_cpu.compiled_engine`).
+picks it for such models on the CPU (see :func:`fastmeta.engines.compiled_engine`).
 
 Batch norm always normalises with each task's batch statistics, as the reference engine
-runs it (``fastmeta.functional``), whatever ``track_running_stats`` says. The engine is not
-yet routed to by ``fastmeta.MAML``; ``CompiledConv4.run`` has the shape of
-``CompiledMLP.run``.
+runs it (``fastmeta.functional``), whatever ``track_running_stats`` says.
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backends
-from fastmeta.engine_cpu import CompiledEngine, _task_array
+from fastmeta.engine_cpu import CompiledEngine, _task_array, check_mse_targets
 from fastmeta.functional import flatten_sequential
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -190,8 +188,5 @@ class CompiledConv4(CompiledEngine):
         return self.engine(support_x.shape[3], support_x.shape[4])
 
     def _inputs(self, x: Tensor, y: Tensor):
-        # mse targets are read flat, as the reference engine reshapes them to the output's shape
-        if self.loss == "mse" and y.numel() != x.shape[0] * x.shape[1] * self.spec.outputs:
-            raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
-                             f"shape {(x.shape[0], x.shape[1], self.spec.outputs)}")
+        check_mse_targets(self.loss, x, y, self.spec.outputs)
         return _task_array(x), _task_array(y)

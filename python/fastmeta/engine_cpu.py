@@ -236,11 +236,17 @@ class CompiledMLP(CompiledEngine):
         num_tasks, num_samples = x.shape[0], x.shape[1]
         if x.dim() != 3:
             x = x.reshape(num_tasks, num_samples, -1)
-        # mse targets are read flat, as the reference engine reshapes them to the output's shape
-        if self.loss == "mse" and y.numel() != num_tasks * num_samples * self.spec.widths[-1]:
-            raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
-                             f"shape {(num_tasks, num_samples, self.spec.widths[-1])}")
+        check_mse_targets(self.loss, x, y, self.spec.widths[-1])
         return _task_array(x), _task_array(y)
+
+
+def check_mse_targets(loss: str, x: Tensor, y: Tensor, outputs: int) -> None:
+    """mse targets are read flat, as the reference engine reshapes them to the output's
+    shape: they must hold one value per output of every sample."""
+    num_tasks, num_samples = x.shape[0], x.shape[1]
+    if loss == "mse" and y.numel() != num_tasks * num_samples * outputs:
+        raise ValueError(f"the targets have shape {tuple(y.shape)} but the model's output has "
+                         f"shape {(num_tasks, num_samples, outputs)}")
 
 
 def check_finite_steps(losses: Tensor, what: str) -> None:
