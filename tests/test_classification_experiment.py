@@ -359,3 +359,12 @@ def test_real_omniglot_protonet_tiny_run(tmp_path, capsys):
                               "--val-tasks", "2", "-o", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert "pretrained on the 4400 training classes" in out
+
+
+def test_conv_network_needs_images_of_at_least_two_pixels():
+    from fastmeta.experiments import classification
+
+    with pytest.raises(ValueError, match="--image-size must be at least 2 for the conv network"):
+        classification.make_config({"dataset": "folder", "image_size": 1, "data": "x"})
+    assert classification.make_config({"dataset": "folder", "image_size": 1, "model": "mlp",
+                                       "data": "x"})["image_size"] == 1

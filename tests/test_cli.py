@@ -33,6 +33,11 @@ TINY = ["--iterations", "20", "--eval-tasks", "20", "--baseline-steps", "30", "-
     ([], ["COMMAND"]),
     (["fit"], ["fit"]),
     (["eval"], ["checkpoint"]),
+    (["train", "--seed", str(2 ** 64)], ["--seed", "2^63"]),
+    (["train", "--threads", "100000"], ["--threads"]),
+    (["train", "--outer-lr", "1e39"], ["--outer-lr"]),
+    (["train", "--output", ""], ["--output", "empty"]),
+    (["train", "folder", "--image-size", "100000"], ["--image-size"]),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, fragments, capsys):
     assert_one_line_error(*run_cli(argv, capsys), *fragments)
@@ -168,3 +173,55 @@ def test_module_entry_calls_main():
 def test_help_exits_0(capsys):
     code, out, err = run_cli(["train", "--help"], capsys)
     assert code == 0 and "--algorithm" in out and "--resume" in out and err == ""
+
+
+# Damaged or mismatched run directories (cases a fuzzing pass of the CLI found) --------------
+SINUSOID_TINY = ["--iterations", "2", "--meta-batch", "2", "--no-eval", "--quiet"]
+
+
+@pytest.fixture
+def sinusoid_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "sinusoid", *SINUSOID_TINY, "--output", str(run)], capsys)
+    assert code == 0, err
+    return run
+
+
+def test_resume_names_a_dataset_other_than_the_runs(sinusoid_run, capsys):
+    argv = ["train", "digits", "--resume", "--output", str(sinusoid_run), "--no-eval"]
+    assert_one_line_error(*run_cli(argv, capsys), "is a sinusoid run, not digits")
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (lambda state: state["config"].pop("seed"), "lacks seed"),
+    (lambda state: state["config"].update(meta_batch="two"), "bad run configuration"),
+    (lambda state: state.update(iteration=-5), "bad iteration count -5"),
+])
+def test_tampered_checkpoint_is_named(sinusoid_run, tamper, words, capsys):
+    path = sinusoid_run / "checkpoint.pt"
+    state = checkpoint.load(path)
+    tamper(state)
+    torch.save(state, path)
+    for argv in (["eval", str(sinusoid_run)],
+                 ["train", "sinusoid", "--resume", "--output", str(sinusoid_run), "--no-eval"]):
+        assert_one_line_error(*run_cli(argv, capsys), str(path), words)
+
+
+def test_metric_lines_that_are_not_records_are_skipped(sinusoid_run, capsys):
+    with open(sinusoid_run / "metrics.jsonl", "ab") as log:
+        log.write(b'[1, 2]\n5\n{"loss": 1.0}\n\xff\xfe\n')
+    argv = ["train", "sinusoid", "--resume", "--iterations", "4", "--output", str(sinusoid_run),
+            "--no-eval", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    lines = (sinusoid_run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [2, 4]
+
+
+def test_unwritable_results_leave_no_temporary_file(sinusoid_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    (out / "results.json").mkdir(parents=True)
+    code, _, err = run_cli(["eval", str(sinusoid_run), "--eval-tasks", "2", "--output", str(out)],
+                           capsys)
+    assert_one_line_error(code, "", err, "results.json")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

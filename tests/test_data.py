@@ -442,6 +442,23 @@ def test_omniglot_rebuilds_a_damaged_cache(tiny_root, tmp_path):
     assert torch.equal(first.pixels, uncached.pixels)
 
 
+@pytest.mark.parametrize("meta", [b"[1, 2, 3]", b"null", b'{"key": 5}'])
+def test_omniglot_rebuilds_a_cache_whose_record_is_not_one(tiny_root, tmp_path, meta):
+    first = Omniglot(tiny_root, "background", image_size=8)
+    for path in (tmp_path / "cache").glob("*.json"):
+        path.write_bytes(meta)
+    assert torch.equal(first.pixels, Omniglot(tiny_root, "background", image_size=8).pixels)
+
+
+def test_omniglot_decompression_bomb_names_the_member(tmp_path, monkeypatch):
+    from PIL import Image
+
+    make_zip(tmp_path, "background")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # every image is a "bomb" now
+    with pytest.raises(DataError, match=r"cannot decode the image .*\.png: .*decompression bomb"):
+        Omniglot(tmp_path, "background", image_size=8, cache=False, workers=1)
+
+
 def test_omniglot_decodes_in_a_process_pool(tiny_root, monkeypatch):
     serial = Omniglot(tiny_root, "background", image_size=8, cache=False, workers=1)
     monkeypatch.setattr(image_helpers, "POOL_MIN_IMAGES", 1)

@@ -59,7 +59,17 @@ def _number_type(convert, accept, what: str):
 
 positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number_type(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+# (torch's seeds are 64-bit; a float32 optimizer cannot hold a larger learning rate)
+seed_int = _number_type(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)")
+positive_float = _number_type(float, lambda v: 0 < v <= 3.4e38, "a positive number up to 3.4e38")
+image_size = _number_type(int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096")
+threads = _number_type(int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024")
+
+
+def output_dir(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return text
 
 
 def device(text: str) -> str:
@@ -131,7 +141,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--augment", choices=("flip", "none"),
                        help="classification: flip adds the training classes' mirror images as "
                             "new classes (default: digits flip, otherwise none)")
-    train.add_argument("--image-size", type=positive_int,
+    train.add_argument("--image-size", type=image_size,
                        help="omniglot/folder: images resized to this square size (default 28)")
     train.add_argument("--iterations", "-n", type=positive_int,
                        help="meta-training iterations (meta-updates)")
@@ -147,12 +157,12 @@ def build_parser() -> ArgumentParser:
                        help="meta-optimizer (Adam) learning rate (default 0.001)")
     train.add_argument("--lr-halve-every", type=positive_int, metavar="N",
                        help="classification: halve the outer learning rate every N iterations")
-    train.add_argument("--seed", type=non_negative_int,
+    train.add_argument("--seed", type=seed_int,
                        help="seed for the initial weights and the training tasks (default 0)")
     train.add_argument("--device", type=device, help="torch device (default cpu)")
     train.add_argument("--backend", choices=("auto", "cpu", "cuda", "torch"),
                        help="fastmeta engine of the gradient-based algorithms (default auto)")
-    train.add_argument("--output", "-o",
+    train.add_argument("--output", "-o", type=output_dir,
                        help="run directory (default runs/<dataset>-<algorithm>)")
     train.add_argument("--eval-tasks", type=positive_int,
                        help="new tasks for the final evaluation (default 600)")
@@ -170,7 +180,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--finetune-steps", type=positive_int,
                        help="classification: the baselines' Adam steps on each support set "
                             "(default: chosen from 20, 50, 100 on validation tasks)")
-    train.add_argument("--threads", type=positive_int,
+    train.add_argument("--threads", type=threads,
                        help="classification: torch threads (default 1: small networks; on a "
                             "busy machine more threads mostly wait)")
     train.add_argument("--no-eval", action="store_true",
@@ -191,10 +201,10 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint.pt, or a run directory holding one")
     evaluate.add_argument("--eval-tasks", type=positive_int,
                           help="new tasks to evaluate on (default: the run's, 600)")
-    evaluate.add_argument("--output", "-o",
+    evaluate.add_argument("--output", "-o", type=output_dir,
                           help="where to write results.json and plots (default: the "
                                "checkpoint's directory)")
-    evaluate.add_argument("--seed", type=non_negative_int,
+    evaluate.add_argument("--seed", type=seed_int,
                           help="seed of the test tasks (default: the standard test set)")
     evaluate.add_argument("--device", type=device, help="torch device (default: the run's)")
     evaluate.add_argument("--baseline-steps", type=positive_int,
@@ -232,13 +242,31 @@ def _dataset_of_checkpoint(output: str | None) -> str | None:
     return dataset if dataset in EXPERIMENTS else None
 
 
+def _check_checkpoint(path, module, state=None) -> None:
+    """The checkpoint's configuration and iteration are those of a valid run (when it exists:
+    a missing one is reported by the command itself)."""
+    from fastmeta import checkpoint
+    from fastmeta.experiments import training
+
+    path = checkpoint.resolve_path(path)
+    if state is None:
+        if not path.exists():
+            return
+        state = checkpoint.load(path)
+    training.check_saved_run(state, path, module.make_config)
+
+
 # Commands -----------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
     from fastmeta import experiments
 
     dataset = args.dataset
-    if dataset is None and args.resume:
-        dataset = _dataset_of_checkpoint(args.output)
+    if args.resume and args.output is not None:
+        previous = _dataset_of_checkpoint(args.output)
+        if dataset is None:
+            dataset = previous
+        elif previous is not None and previous != dataset:
+            fail(f"--resume: the run in {args.output} is a {previous} run, not {dataset}")
     if dataset is None:
         dataset = DEFAULT_DATASET
     module = experiments.get(dataset)
@@ -253,6 +281,8 @@ def run_train(args: argparse.Namespace) -> int:
              f"choose from {', '.join(module.ALGORITHMS)}")
     options["dataset"] = dataset
     config = module.make_config(options)
+    if args.resume:
+        _check_checkpoint(config["output"], module)
     module.train(config, resume=args.resume, quiet=args.quiet, explicit=explicit,
                  evaluate_after=not args.no_eval)
     return 0
@@ -267,6 +297,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not isinstance(config, dict) or config.get("dataset") not in EXPERIMENTS:
         raise checkpoint.CheckpointError(f"{path} does not say which experiment it is from")
     module = experiments.get(config["dataset"])
+    _check_checkpoint(path, module, state)
     output = Path(args.output) if args.output else path.parent
     metrics = path.parent / getattr(module, "METRICS_FILE", "metrics.jsonl")
     extra = {}
@@ -310,6 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # stdout's reader left (`fastmeta train | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except (MemoryError, RuntimeError) as error:
+        if debug or not (isinstance(error, MemoryError) or "allocate" in str(error)):
+            raise
+        fail(f"out of memory ({_one_line(error) or 'MemoryError'}): use smaller sizes "
+             f"(--meta-batch, --eval-tasks, --val-tasks, --shots, --image-size)")
     except (ValueError, TypeError, FloatingPointError, OSError) as error:
         # User errors: bad arguments the library rejected, missing or corrupt files, an
         # unwritable output directory, a diverging run.

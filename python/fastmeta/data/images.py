@@ -236,8 +236,11 @@ def _decode(data, where: str, size, grayscale: bool, invert: bool, resample: str
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image = image.convert("L" if grayscale else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot decode the image {where}: {error}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as error:
+        reason = "not an image format PIL reads" if isinstance(error, UnidentifiedImageError) \
+            else error
+        raise DataError(f"cannot decode the image {where}: {reason}") from None
     if invert:
         image = Image.fromarray(255 - np.asarray(image))
     if size is not None and image.size != (size[1], size[0]):
@@ -381,11 +384,11 @@ def cached_array(prefix: str, key: dict, build: Callable[[], tuple[np.ndarray, d
         try:
             with open(meta_path) as handle:
                 stored = json.load(handle)
-            if stored.get("key") == text:
+            if isinstance(stored, dict) and stored.get("key") == text:
                 array = np.load(array_path, allow_pickle=False)
                 if list(array.shape) == stored["shape"] and str(array.dtype) == stored["dtype"]:
                     return array, stored["meta"]
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, TypeError, EOFError):
             pass  # damaged: rebuild below
     array, meta = build()
     try:

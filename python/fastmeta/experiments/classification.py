@@ -213,6 +213,9 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
         training.require_positive_int(config, "image_size")
         if dataset == "digits":
             raise ValueError("--image-size does not apply to digits (8x8 images)")
+        if config["image_size"] < 2 and config["model"] == "conv":
+            raise ValueError("--image-size must be at least 2 for the conv network (one "
+                             "conv-pool block halves it)")
     for key in ("inner_lr", "outer_lr"):
         training.require_positive_number(config, key)
     if config["ways"] < 2 or config["train_ways"] < 2:

@@ -145,17 +145,23 @@ def require_positive_number(config: dict[str, Any], key: str, prefix: str = "--"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics JSON-lines file (unreadable lines skipped; [] if absent)."""
+    """The records of a metrics JSON-lines file ([] if absent): JSON objects with an integer
+    "iteration"; other lines (half-written, edited, undecodable) are skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    return [record for _, record in _metric_lines(path)]
+
+
+def _metric_lines(path: Path):
+    """(line, record) for each valid line of a metrics file (see read_metrics)."""
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return records
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            yield line, record
 
 
 def rewrite_metrics(path: Path, up_to: int) -> None:
@@ -163,17 +169,8 @@ def rewrite_metrics(path: Path, up_to: int) -> None:
     and any line a killed run left half-written."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("iteration", 0) <= up_to:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    kept = [line for line, record in _metric_lines(path) if record["iteration"] <= up_to]
+    ckpt.atomic_write(path, lambda h: h.write("".join(line + "\n" for line in kept).encode()))
 
 
 def json_safe(value):
@@ -189,10 +186,8 @@ def json_safe(value):
 
 def write_results(path: str | os.PathLike, results: dict[str, Any]) -> None:
     """Writes ``results`` as indented strict JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
+    ckpt.atomic_write(Path(path), lambda h: h.write(text.encode()))
 
 
 def figure(rows: int, cols: int, size: tuple[float, float]):
@@ -215,6 +210,26 @@ def smoothed(values: Sequence[float], span: int) -> list[float]:
 
 
 # Resume -------------------------------------------------------------------------------------
+def check_saved_run(state: dict[str, Any], path, make_config) -> None:
+    """A checkpoint's run configuration and iteration, checked as a new run's options are
+    (``make_config``: the experiment's): a tampered or foreign one names its path."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{path} holds no run configuration")
+    try:
+        expected = make_config({"dataset": saved.get("dataset"),
+                                "algorithm": saved.get("algorithm")})
+        missing = sorted(set(expected) - set(saved))
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        make_config(dict(saved))
+    except (ValueError, TypeError) as error:
+        raise ckpt.CheckpointError(f"{path} holds a bad run configuration ({error})") from None
+    iteration = state.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ckpt.CheckpointError(f"{path} holds a bad iteration count {iteration!r}")
+
+
 def merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequence[str],
                   run_options: Sequence[str], dataset: str | Sequence[str],
                   changeable: Sequence[str] = CHANGEABLE_ON_RESUME,
