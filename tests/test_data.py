@@ -629,3 +629,26 @@ def test_real_omniglot_sampler(real_omniglot):
     assert sx.shape == (4, 20, 1, 28, 28) and qx.shape == (4, 300, 1, 28, 28)
     support, query = sampler.last_indices
     assert torch.equal(sx, train.images[support])
+
+
+def test_sinusoid_checks_its_arguments():
+    tasks = fastmeta.data.Sinusoid(5, 5)
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="k_shot must be a positive integer"):
+            tasks.sample(2, k_shot=bad)
+        with pytest.raises(ValueError, match="q_query must be a positive integer"):
+            tasks.sample(2, q_query=bad)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        fastmeta.data.Sinusoid(dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
+        fastmeta.data.Sinusoid(seed=2 ** 64)
+
+
+def test_image_folder_takes_one_extension_as_a_string(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            (tmp_path / name / f"{i}.png").write_bytes(png_bytes(stroke_image(i, 1)))
+        (tmp_path / name / "notes.log").write_text("not an image")  # ends in "g", not ".png"
+    data = ImageFolderTasks(tmp_path, extensions=".png", image_size=8, cache=False)
+    assert data.num_classes == 2 and len(data) == 4

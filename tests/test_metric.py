@@ -130,8 +130,12 @@ def test_protonet_constructor_errors():
         fastmeta.ProtoNet(linear_encoder(), distance="manhattan")
     with pytest.raises(TypeError, match="encoder must be an nn.Module"):
         fastmeta.ProtoNet(lambda x: x)
-    with pytest.raises(ValueError, match="scale must be a positive number"):
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
         fastmeta.ProtoNet(linear_encoder(), scale=0)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        fastmeta.ProtoNet(linear_encoder(), scale=float("inf"))
+    with pytest.raises(ValueError, match="overflows the encoder's torch.float32"):
+        fastmeta.ProtoNet(linear_encoder(dtype=torch.float32), "cosine", scale=1e300)
     with pytest.raises(ValueError, match="has no parameters"):
         fastmeta.ProtoNet(nn.Flatten())
 
@@ -253,3 +257,26 @@ def test_relationnet_learns_digits(digits):
     train(net, TaskSampler(train_set, 5, 1, 10, 4, seed=0), 30, 3e-3)
     after, acc = evaluate(net, held_out)
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastmeta.ProtoNet(linear_encoder()),
+    # (the checks come before the encoder runs: any modules do)
+    lambda: fastmeta.RelationNet(linear_encoder(), nn.Linear(12, 1).double()),
+], ids=["protonet", "relationnet"])
+def test_metric_learners_refuse_bad_episodes_clearly(make):
+    learner = make()
+    sx, sy, qx, qy = episode()
+    with pytest.raises(ValueError, match="query_y is required"):
+        learner(sx, sy, qx, None)
+    huge = sy.clone()
+    huge[0, 0] = 10 ** 12  # (checked before any one-hot of that width is made)
+    with pytest.raises(ValueError, match="support_y holds label 1000000000000 but a task has only 8"):
+        learner(sx, huge, qx, qy)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_protonet_refuses_an_encoder_without_features():
+    sx, sy, qx, qy = episode()
+    with pytest.raises(ValueError, match="at least one per sample"):
+        fastmeta.ProtoNet(nn.Linear(5, 0).double())(sx, sy, qx, qy)

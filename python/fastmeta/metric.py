@@ -9,6 +9,8 @@ The encoder sees all tasks' support and query images in one batch (``[T*(S+Q), *
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,8 +22,10 @@ DISTANCES = ("sqeuclidean", "cosine")
 
 
 def _check_episode(learner: str, encoder: nn.Module, support_x, support_y, query_x,
-                   query_y=None) -> int:
+                   query_y=None, needs_query_y: bool = False) -> int:
     """Validates an episode batch; returns the number of ways N."""
+    if needs_query_y and query_y is None:
+        raise ValueError(f"{learner}: query_y is required (the loss is measured on the queries)")
     like = reference_parameter(encoder)
     check_inputs("support_x", support_x, like, None)
     check_targets("support_y", support_y, support_x, "cross_entropy", None)
@@ -30,6 +34,9 @@ def _check_episode(learner: str, encoder: nn.Module, support_x, support_y, query
         raise ValueError(f"query_x samples have shape {tuple(query_x.shape[2:])} but support_x "
                          f"samples have {tuple(support_x.shape[2:])}")
     ways = int(support_y.max()) + 1
+    if ways > support_y.shape[1]:  # (a label past S cannot leave every label present)
+        raise ValueError(f"{learner}: support_y holds label {ways - 1} but a task has only "
+                         f"{support_y.shape[1]} support samples: labels must be 0..N-1")
     present = F.one_hot(support_y, ways).sum(1) > 0                    # [T, N]
     if not bool(present.all()):
         task, label = (~present).nonzero()[0].tolist()
@@ -46,10 +53,11 @@ def _embed(encoder: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tens
     inputs = torch.cat([support_x.reshape(tasks * shots, *support_x.shape[2:]),
                         query_x.reshape(tasks * queries, *query_x.shape[2:])])
     features = encoder(inputs)
-    if not isinstance(features, Tensor) or features.dim() < 2 or features.shape[0] != inputs.shape[0]:
+    if not isinstance(features, Tensor) or features.dim() < 2 or features.shape[0] != inputs.shape[0] \
+            or features[0].numel() == 0:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"the encoder must map [B, *in] to [B, ...] features, got {shape} for "
-                         f"B = {inputs.shape[0]}")
+        raise ValueError(f"the encoder must map [B, *in] to [B, ...] features (at least one "
+                         f"per sample), got {shape} for B = {inputs.shape[0]}")
     support = features[: tasks * shots].reshape(tasks, shots, *features.shape[1:])
     query = features[tasks * shots:].reshape(tasks, queries, *features.shape[1:])
     return support, query
@@ -92,13 +100,16 @@ class ProtoNet(nn.Module):
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if scale is None:
             scale = 10.0 if distance == "cosine" else 1.0
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
+                or not math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite positive number, got {scale!r}")
         self.encoder = encoder
         self.distance = distance
         self._scaled = bool(learn_scale) or float(scale) != 1.0
         like = reference_parameter(encoder)
         value = torch.tensor(float(scale), dtype=like.dtype, device=like.device)
+        if not bool(torch.isfinite(value)):
+            raise ValueError(f"scale {scale!r} overflows the encoder's {like.dtype}")
         if learn_scale:
             self.scale = nn.Parameter(value)
         else:
@@ -125,7 +136,8 @@ class ProtoNet(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
-        ways = _check_episode("ProtoNet", self.encoder, support_x, support_y, query_x, query_y)
+        ways = _check_episode("ProtoNet", self.encoder, support_x, support_y, query_x, query_y,
+                              needs_query_y=True)
         support, query = _embed(self.encoder, support_x, query_x)
         scores = self._scores(support, support_y, query, ways)
         tasks, queries = query_y.shape
@@ -198,7 +210,8 @@ class RelationNet(nn.Module):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 query_y: Tensor) -> Tensor:
-        ways = _check_episode("RelationNet", self.encoder, support_x, support_y, query_x, query_y)
+        ways = _check_episode("RelationNet", self.encoder, support_x, support_y, query_x, query_y,
+                              needs_query_y=True)
         support, query = _embed(self.encoder, support_x, query_x)
         scores = self._scores(support, support_y, query, ways)
         target = F.one_hot(query_y, ways).to(scores.dtype)

@@ -32,6 +32,8 @@ class ImageFolderTasks(ClassDataset):
                  workers: int | None = None):
         size = check_size(image_size)
         resample_filter(resample)
+        if isinstance(extensions, str):  # one extension, not its characters
+            extensions = (extensions,)
         extensions = tuple(e.lower() for e in extensions)
         root = Path(root).expanduser()
         if not root.is_dir():

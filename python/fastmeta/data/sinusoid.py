@@ -31,9 +31,11 @@ class Sinusoid:
 
     def __init__(self, k_shot: int = 10, q_query: int = 10, seed: int = 0,
                  dtype: torch.dtype = torch.float32):
-        for name, value in (("k_shot", k_shot), ("q_query", q_query)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Sinusoid: {name} must be a positive integer, got {value!r}")
+        _check_sizes(k_shot=k_shot, q_query=q_query)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"Sinusoid: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"Sinusoid: seed must be an integer in [0, 2^63), got {seed!r}")
         self.k_shot, self.q_query, self.dtype = k_shot, q_query, dtype
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -46,6 +48,7 @@ class Sinusoid:
             raise ValueError(f"Sinusoid: meta_batch must be a positive integer, got {meta_batch!r}")
         k = self.k_shot if k_shot is None else k_shot
         q = self.q_query if q_query is None else q_query
+        _check_sizes(k_shot=k, q_query=q)
         amplitude = self._uniform(meta_batch, *self.amplitude_range)
         phase = self._uniform(meta_batch, *self.phase_range)
         x = self._uniform((meta_batch, k + q, 1), *self.x_range)
@@ -63,3 +66,9 @@ class Sinusoid:
 
     def load_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
+
+
+def _check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Sinusoid: {name} must be a positive integer, got {value!r}")
