@@ -70,18 +70,10 @@ bool meta_step(ConvEngine& engine, const py::list& params, const py::object& lr,
                           query_accuracy, grad, lr_grad, adapted};
   const ConvSpec& spec = engine.spec();
   const ModelShape model{spec.tensor_sizes(), spec.num_params(), spec.outputs, spec.loss};
-  return run_typed(support_x, [&](auto zero) {
-    using Scalar = decltype(zero);
-    MetaStepArgs<Scalar> args = meta_step_args<Scalar>(
-        call, model, "ConvEngine.meta_step", [&](py::handle x, const char* name, int64_t tasks) {
-          return images<Scalar>(spec, x, name, tasks);
-        });
-    {
-      py::gil_scoped_release release;
-      engine.meta_step(args);
-    }
-    return args.all_finite;
-  });
+  return bound_meta_step(engine, call, model, "ConvEngine.meta_step",
+                         [&](auto zero, py::handle x, const char* name, int64_t tasks) {
+                           return images<decltype(zero)>(spec, x, name, tasks);
+                         });
 }
 
 }  // namespace

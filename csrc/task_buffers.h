@@ -213,4 +213,24 @@ bool run_typed(const py::buffer& support_x, Run run) {
   throw py::type_error("meta_step: support_x must be float32 or float64, got '" + format + "'");
 }
 
+// One engine's meta_step binding: checks the call's buffers (inputs(Scalar(), x, name, tasks)
+// reads support_x / query_x the engine's way), runs engine.meta_step(args) without the GIL
+// and returns whether every loss was finite.
+template <typename Engine, typename Inputs>
+bool bound_meta_step(Engine& engine, const MetaStepCall& call, const ModelShape& model,
+                     const char* who, Inputs inputs) {
+  return run_typed(call.support_x, [&](auto zero) {
+    using Scalar = decltype(zero);
+    MetaStepArgs<Scalar> args = meta_step_args<Scalar>(
+        call, model, who, [&](py::handle x, const char* name, int64_t tasks) {
+          return inputs(zero, x, name, tasks);
+        });
+    {
+      py::gil_scoped_release release;
+      engine.meta_step(args);
+    }
+    return args.all_finite;
+  });
+}
+
 }  // namespace fastmeta
