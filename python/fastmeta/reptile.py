@@ -77,12 +77,12 @@ class Reptile(nn.Module):
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         num_tasks = support_x.shape[0]
         task_weights = torch.cat([w.detach().reshape(num_tasks, -1) for w in adapted.fast_weights], 1)
-        direction = reptile_direction(theta, task_weights, engine)
+        direction = reptile_direction(theta, task_weights)  # (the reference twin)
         grads = [g.view_as(p) for g, p in zip(direction.split([p.numel() for p in params]), params)]
         return with_gradient(adapted.support_losses[0].mean(), params, grads)
 
     def _compiled_forward(self, support_x: Tensor, support_y: Tensor) -> Tensor:
-        """The compiled MLP engine's inner loop; it applies the reptile_direction kernel."""
+        """The compiled engine's inner loops; it applies the reptile_direction kernel itself."""
         params = list(self.model.parameters())
         result = self._compiled.run(params, self.inner_lr, self.inner_steps, "reptile",
                                     support_x, support_y)
