@@ -215,6 +215,22 @@ def test_sampler_load_state_rejects_foreign_states(digits_train):
     other = TaskSampler(digits_train, 10, 1, 5, 2)
     with pytest.raises(ValueError, match="n_way=10"):
         sampler.load_state(other.state())
+    # Tampered entries: clear ValueErrors, and the sampler keeps its stream.
+    expected = TaskSampler(digits_train, 5, 1, 5, 2).sample()
+    for key, junk, match in (("rng", "junk", "generator state"),
+                             ("rng", torch.zeros(3, dtype=torch.uint8), "generator state"),
+                             ("rng", sampler.state()["rng"].float(), "generator state"),
+                             ("n_way", torch.tensor([5, 5]), "n_way=tensor"),
+                             ("k_shot", 1.0, "k_shot=1.0")):
+        with pytest.raises(ValueError, match=match):
+            sampler.load_state({**sampler.state(), key: junk})
+    assert all(torch.equal(u, v) for u, v in zip(sampler.sample(), expected))
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
+def test_sampler_seed_out_of_generator_range(digits_train, seed):
+    with pytest.raises(ValueError, match="seed must lie in"):
+        TaskSampler(digits_train, 5, 1, 5, 2, seed=seed)
 
 
 @pytest.mark.parametrize("kwargs, match", [

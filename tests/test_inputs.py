@@ -127,6 +127,22 @@ def test_bad_classification_batch_is_rejected(case, algorithm, backend, nothing_
         assert_unchanged(algo, before)
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_bad_input_to_an_adapted_model_is_rejected(algorithm):
+    algo = _make(algorithm, _classifier(), "cross_entropy")
+    sx, sy, qx, _ = classification_batch(3, 5, 4, 4, 3)
+    adapted = algo.adapt(sx, sy)
+    for bad, error, match in (("x", TypeError, "torch.Tensor"),
+                              (qx.float(), TypeError, "float32 but the model"),
+                              (qx.long(), TypeError, "floating-point"),
+                              (qx[..., :3], ValueError, r"like the support set"),
+                              (qx[:2], ValueError, "holds 3 tasks"),
+                              (qx[:, :0], ValueError, "empty")):
+        with pytest.raises(error, match=match):
+            adapted(bad)
+    assert adapted(qx).shape == (3, qx.shape[1], 3)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_bad_regression_batch_is_rejected(algorithm, backend, nothing_runs):

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from unittest import mock
 import torch
 
 import fastmeta
@@ -109,6 +110,17 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     _train(tmp_path, "run", 50, resume=True)
     assert [r["iteration"] for r in S.read_metrics(metrics)] == [10, 20, 30, 40, 50]
     assert S.read_metrics(metrics)[3]["loss"] != 1.0
+
+
+def test_a_fresh_run_in_an_old_directory_removes_the_old_checkpoint(tmp_path):
+    _train(tmp_path, "run", 30)
+    # A new run stopped before its first checkpoint (iteration 25): nothing of the old run is
+    # left for --resume to continue beside the new run's log.
+    with pytest.raises(KeyboardInterrupt):
+        with mock.patch.object(S, "meta_loss", side_effect=KeyboardInterrupt):
+            _train(tmp_path, "run", 30)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert S.read_metrics(tmp_path / "run" / "metrics.jsonl") == []
 
 
 # evaluation --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fastmeta.checks import check_inputs
 from fastmeta.functional import TaskBatchedModel
 from fastmeta.losses import check_finite, per_task_loss
 
@@ -23,9 +24,11 @@ class AdaptedModel:
     initial weights (and learned learning rates) unless the adaptation was first-order."""
 
     def __init__(self, model: TaskBatchedModel, fast_weights: list[Tensor],
-                 support_losses: list[Tensor]):
+                 support_losses: list[Tensor], input_shape: tuple[int, ...]):
         self.model = model
         self.fast_weights = fast_weights
+        #: the shape of one input (the support set's ``x.shape[2:]``)
+        self.input_shape = tuple(input_shape)
         #: the mean support loss of each task ``[T]`` before each inner step, detached
         self.support_losses = support_losses
 
@@ -37,8 +40,14 @@ class AdaptedModel:
         return dict(zip(self.model.names, self.fast_weights))
 
     def __call__(self, x: Tensor) -> Tensor:
+        # The learners' own checks, so a bad query gives the same clear errors as a bad batch.
+        check_inputs("x", x, self.fast_weights[0], None, scan_values=False)
         if x.shape[0] != self.num_tasks:
             raise ValueError(f"the adapted model holds {self.num_tasks} tasks, got inputs for {x.shape[0]}")
+        if tuple(x.shape[2:]) != self.input_shape:
+            raise ValueError(f"x must have shape [{self.num_tasks}, samples, "
+                             f"{', '.join(map(str, self.input_shape))}] like the support set, "
+                             f"got {tuple(x.shape)}")
         return self.model(self.fast_weights, x)
 
 
@@ -84,4 +93,4 @@ def adapt(model: TaskBatchedModel, params: Sequence[Tensor], x: Tensor, y: Tenso
                 fast[i] = updated if updated.requires_grad else updated.requires_grad_()
     if not grad_enabled:
         fast = [f.detach() for f in fast]
-    return AdaptedModel(model, fast, support_losses)
+    return AdaptedModel(model, fast, support_losses, x.shape[2:])

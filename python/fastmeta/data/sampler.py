@@ -62,6 +62,8 @@ class TaskSampler:
         self.meta_batch = _positive_int("meta_batch", meta_batch)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"TaskSampler: seed must be an integer, got {seed!r}")
+        if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"TaskSampler: seed must lie in [-2**63, 2**64), got {seed}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"TaskSampler: dtype must be a floating-point torch.dtype, got {dtype!r}")
         for attribute in ("labels", "num_classes"):
@@ -180,12 +182,17 @@ class TaskSampler:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "rng" not in state:
             raise ValueError("TaskSampler.load_state: state is not a TaskSampler state (from .state())")
         theirs = {k: state.get(k) for k in self._config()}
-        if theirs != self._config():
+        if any(type(v) is not int for v in theirs.values()) or theirs != self._config():
             diff = ", ".join(f"{k}={theirs[k]!r} (here {v!r})" for k, v in self._config().items()
-                             if theirs[k] != v)
+                             if type(theirs[k]) is not int or theirs[k] != v)
             raise ValueError(f"TaskSampler.load_state: the state is from a different sampler or "
                              f"dataset: {diff}")
-        self.generator.set_state(state["rng"])
+        rng, own = state["rng"], self.generator.get_state()
+        if not (isinstance(rng, Tensor) and rng.dtype == own.dtype and rng.shape == own.shape
+                and rng.device == own.device):
+            raise ValueError("TaskSampler.load_state: state['rng'] is not a CPU generator state "
+                             f"(a uint8 tensor of {own.numel()} bytes, from .state())")
+        self.generator.set_state(rng)
 
     def __repr__(self) -> str:
         return (f"TaskSampler({self.n_way}-way {self.k_shot}-shot, {self.q_queries} queries, "

@@ -315,10 +315,14 @@ class Run:
                     f"{str(error).splitlines()[0] if str(error) else ''})") from None
             rewrite_metrics(self.metrics_path, self.start)
         else:
-            if self.checkpoint_path.exists() and not self.quiet:
-                print(f"fastmeta: note: starting a new run in {self.output}; its old checkpoint "
-                      "will be replaced (--resume continues it instead)", file=self.stream,
-                      flush=True)
+            if self.checkpoint_path.exists():
+                if not self.quiet:
+                    print(f"fastmeta: note: starting a new run in {self.output}; its old "
+                          "checkpoint is removed (--resume continues it instead)",
+                          file=self.stream, flush=True)
+                # Removed with the old log, so a new run stopped before its first checkpoint
+                # cannot leave an old checkpoint beside a new log for --resume to mix up.
+                self.checkpoint_path.unlink()
             if self.metrics_path.exists():
                 self.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
 
