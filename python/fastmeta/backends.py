@@ -70,6 +70,18 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+def context_reason(*tensors: torch.Tensor) -> str | None:
+    """Why a call the compiled core could serve must run on the reference engine anyway:
+    tensors under a torch.func transform (the core reads raw memory, which they do not have),
+    or autocast (the core computes in the parameters' dtype). None when neither applies."""
+    for tensor in tensors:
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            return "the call runs under a torch.func transform"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on (the compiled core computes in the parameters' dtype)"
+    return None
+
+
 def resolve(backend: str, device: torch.device, compiled_reason: str | None) -> str:
     """Returns "cpu" (compiled core) or "torch" for one call.
 

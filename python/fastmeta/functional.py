@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _modules
 
 # Activations and how to apply them; each is layout-agnostic (element-wise).
 _ELEMENTWISE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
@@ -21,6 +22,9 @@ _ELEMENTWISE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
     nn.Identity: lambda m, x: x,
 }
+
+# Layers whose parameters are (weight, bias), read by position.
+_WEIGHTED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 # On the CPU, grouped convolutions (one call for all tasks, groups = tasks) and their double
 # backward take slow paths, so large convolutions run faster task by task: MAML conv4 with
@@ -84,6 +88,34 @@ def unsupported_layer(layer: nn.Module) -> str | None:
     return kind.__name__
 
 
+def hook_reason(modules: Sequence[nn.Module]) -> str | None:
+    """Why running ``modules``' layers from their weights may differ from calling them: module
+    hooks (user hooks, pruning, the hook-based ``spectral_norm``) change inputs, outputs or
+    weights, and only a real call runs them. None when no hook is registered."""
+    if (_modules._global_forward_hooks or _modules._global_forward_pre_hooks
+            or _modules._global_backward_hooks or _modules._global_backward_pre_hooks):
+        return "global module hooks are registered"
+    for module in modules:
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
+            return f"{type(module).__name__} has hooks (pruning, spectral_norm or user hooks)"
+    return None
+
+
+def _parameter_layout_reason(layers: Sequence[nn.Module], count: int) -> str | None:
+    """None when every layer holds exactly its own (weight, bias) in that order, as the batched
+    path reads them by position; else why not (re-registered or shared parameters)."""
+    total = 0
+    for layer in layers:
+        names = [name for name, p in layer._parameters.items() if p is not None]
+        expected = [name for name in ("weight", "bias") if getattr(layer, name, None) is not None] \
+            if isinstance(layer, _WEIGHTED) else []
+        if names != expected:
+            return f"{type(layer).__name__} holds parameters {names}, not {expected}"
+        total += len(names)
+    return None if total == count else "layers share parameters"
+
+
 class TaskBatchedModel:
     """``model(params, x)`` with ``params[i]: [T, *theta_i.shape]`` and ``x: [T, N, *in]``.
 
@@ -93,6 +125,8 @@ class TaskBatchedModel:
     def __init__(self, module: nn.Module):
         self.module = module
         self.names = [name for name, _ in module.named_parameters()]
+        #: every module of the model, containers too (their hooks count: see hook_reason)
+        self.modules = list(module.modules())
         layers = flatten_sequential(module)
         reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
         if layers is None:
@@ -100,7 +134,7 @@ class TaskBatchedModel:
         elif reasons:
             self.unsupported = f"unsupported layer {reasons[0]}"
         else:
-            self.unsupported = None
+            self.unsupported = _parameter_layout_reason(layers, len(self.names))
         self.layers = layers if self.unsupported is None else None
         # Index of each layer's first parameter in named_parameters() order.
         self.param_offsets = []
@@ -112,12 +146,14 @@ class TaskBatchedModel:
 
     @property
     def batched(self) -> bool:
-        """True when all tasks run as one batched computation (the fast path)."""
-        return self.layers is not None
+        """True when all tasks run as one batched computation (the fast path); a model with
+        hooks runs task by task, through its own forward (checked at every call: hooks come
+        and go)."""
+        return self.layers is not None and hook_reason(self.modules) is None
 
     def __call__(self, params: Sequence[Tensor], x: Tensor, start: int = 0,
                  stop: int | None = None) -> Tensor:
-        if self.layers is None:
+        if not self.batched:
             if (start, stop) != (0, None):
                 raise ValueError("only an nn.Sequential model can be run layer range by layer range")
             return self._per_task(params, x)

@@ -18,10 +18,18 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():  # (backward runs in grad mode only with create_graph)
+            raise RuntimeError(
+                "fastmeta: this loss's gradient cannot be differentiated again (create_graph="
+                "True): it was computed outside autograd (the compiled engine's meta-gradient, "
+                "or Reptile's direction); for higher-order gradients use MAML, Meta-SGD or ANIL "
+                "with backend='torch'")
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise RuntimeError("fastmeta: this meta-loss's gradient was already handed to .grad; "
-                               "run the learner again for a second backward")
+            raise RuntimeError(
+                "fastmeta: this loss's gradient was already used by a backward pass; it is "
+                "handed over once (retain_graph=True cannot replay it): run the learner again "
+                "for another backward, or use backend='torch'")
         if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
             # The plain loss.backward(): autograd may take these tensors as .grad without a copy.
             return (None, *grads)

@@ -66,12 +66,18 @@ def adapt(model: TaskBatchedModel, params: Sequence[Tensor], x: Tensor, y: Tenso
     body). ``features_from`` > 0 (an ``nn.Sequential`` whose layers before that index are
     not adapted) computes those layers' output once instead of at every step.
     """
+    if torch.is_inference_mode_enabled():
+        # The inner loop needs autograd, which inference mode switches off: adapt outside it,
+        # as under no_grad, on copies of the inputs (inference tensors cannot enter autograd).
+        with torch.inference_mode(False), torch.no_grad():
+            return adapt(model, params, x.clone(), y.clone(), loss, lrs, steps, False, adapted,
+                         features_from)
     num_tasks = x.shape[0]
     grad_enabled = torch.is_grad_enabled()
     if not grad_enabled:
-        # Evaluation: no graph back to theta. Detach explicitly: a view made under no_grad
-        # of a parameter still reports requires_grad=True, but no gradient flows through it.
-        params = [p.detach() for p in params]
+        # Evaluation: no graph back to theta. Copies, not views: the adapted model is a
+        # snapshot, which a later optimizer step on the model does not change.
+        params = [p.detach().clone() for p in params]
     fast = expand_to_tasks(params, num_tasks)
     which = [i for i in range(len(fast)) if adapted is None or adapted[i]]
     support_losses = []
