@@ -480,9 +480,46 @@ def test_a_model_changed_after_the_learner_was_built_is_refused(kind, backend):
     learner = _learner(kind, model, "cross_entropy", backend)
     model[2] = nn.Linear(7, 3, bias=False).double()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="parameters changed since the learner was built"):
+    with pytest.raises(ValueError, match="changed since the learner was built"):
         _call(learner, batch)
     assert_unchanged(model, before)
+
+
+def _small_conv():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)).double()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["maml", "reptile"])
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.__setitem__(2, nn.Tanh()), r"layer 2 is a new Tanh \(was a ReLU\)"),
+    (lambda m: setattr(m[3], "kernel_size", 3), r"layer 3 \(MaxPool2d\) changed its kernel_size"),
+    (lambda m: setattr(m[0], "dilation", (2, 2)), r"layer 0 \(Conv2d\) changed its dilation"),
+])
+def test_a_layer_or_setting_changed_after_the_first_call_is_refused(kind, backend, change, match):
+    """Both engines would go on running the layers they read: a change is an error."""
+    model = _small_conv()
+    batch = classification_batch(2, 3, 4, (1, 8, 8), 3)
+    learner = _learner(kind, model, "cross_entropy", backend)
+    _call(learner, batch)
+    change(model)
+    with pytest.raises(ValueError, match=match):
+        _call(learner, batch)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("sample, match", [
+    ((3, 8, 8), r"\[3, 8, 8\] do not fit layer 0 \(Conv2d\), which takes \[1, height, width\]"),
+    ((1, 6, 6), r"layer 5 \(Linear\), which takes 64 features; they reach it as \[36\]"),
+    ((1, 1, 1), r"layer 3 \(MaxPool2d\), which takes images larger than 1x1"),
+    ((64,), r"layer 0 \(Conv2d\)"),
+])
+def test_samples_that_do_not_fit_the_model_are_named(sample, match, backend):
+    learner = _learner("maml", _small_conv(), "cross_entropy", backend)
+    batch = classification_batch(2, 3, 4, sample, 3)
+    with pytest.raises(ValueError, match="support_x: samples of shape .*" + match):
+        _call(learner, batch)
 
 
 def test_negated_views_are_read_as_their_values():

@@ -7,6 +7,8 @@ batch statistics); any other module runs task by task through ``torch.func.funct
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -88,6 +90,55 @@ def unsupported_layer(layer: nn.Module) -> str | None:
     return kind.__name__
 
 
+# The settings of each layer kind that the engines take from the model when they read it
+# (batch norm's eps is read at every call instead).
+_SETTINGS: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
+    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"),
+    nn.BatchNorm1d: ("affine", "track_running_stats"),
+    nn.BatchNorm2d: ("affine", "track_running_stats"),
+    nn.LeakyReLU: ("negative_slope",),
+    nn.Flatten: ("start_dim", "end_dim"),
+}
+
+# (attrgetter with several names returns their tuple: a tenth of a generator's time)
+_READ_SETTINGS = {kind: operator.attrgetter(*names) for kind, names in _SETTINGS.items()
+                  if len(names) > 1}
+_READ_SETTINGS[nn.LeakyReLU] = lambda layer: (layer.negative_slope,)
+
+
+def layer_layout(module: nn.Module) -> list[tuple[nn.Module, tuple]] | None:
+    """The layers of an ``nn.Sequential`` model (the objects) with their settings: what the
+    engines read from it once. None for any other module (it runs through its own forward)."""
+    layers = flatten_sequential(module)
+    if layers is None:
+        return None
+    layout = []
+    for layer in layers:
+        read = _READ_SETTINGS.get(type(layer))
+        layout.append((layer, read(layer) if read is not None else ()))
+    return layout
+
+
+def layout_change(before: list | None, now: list | None) -> str | None:
+    """What differs between two :func:`layer_layout` results, or None."""
+    if before is None or now is None:
+        return None if before is now else "the model is no longer an nn.Sequential of layers" \
+            if now is None else "the model became an nn.Sequential"
+    if len(before) != len(now):
+        return f"it has {len(now)} layers, not {len(before)}"
+    for index, ((old, old_settings), (new, new_settings)) in enumerate(zip(before, now)):
+        if new is not old:
+            return f"layer {index} is a new {type(new).__name__} (was a {type(old).__name__})"
+        if new_settings != old_settings:
+            names = [name for name, a, b in zip(_SETTINGS[type(new)], old_settings, new_settings)
+                     if a != b]
+            return f"layer {index} ({type(new).__name__}) changed its {', '.join(names)}"
+    return None
+
+
 def hook_reason(modules: Sequence[nn.Module]) -> str | None:
     """Why running ``modules``' layers from their weights may differ from calling them: module
     hooks (user hooks, pruning, the hook-based ``spectral_norm``) change inputs, outputs or
@@ -116,6 +167,58 @@ def _parameter_layout_reason(layers: Sequence[nn.Module], count: int) -> str | N
     return None if total == count else "layers share parameters"
 
 
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _window_output(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                   ceil_mode: bool) -> int:
+    """torch's output size of a convolution or pooling window along one axis."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1   # the last window must start inside the input or its left padding
+    return out
+
+
+def _layer_output(layer: nn.Module, shape: tuple) -> tuple | str:
+    """The sample shape a supported layer makes of ``shape``, or what it expected instead."""
+    kind = type(layer)
+    if kind in _ELEMENTWISE:
+        return shape
+    if kind is nn.Flatten:
+        return (math.prod(shape),)
+    if kind is nn.Linear:
+        return shape[:-1] + (layer.out_features,) if shape and shape[-1] == layer.in_features \
+            else f"{layer.in_features} features"
+    if kind is nn.BatchNorm1d:
+        return shape if shape == (layer.num_features,) else f"{layer.num_features} features"
+    channels = {nn.Conv2d: "in_channels", nn.BatchNorm2d: "num_features"}.get(kind)
+    channels = getattr(layer, channels) if channels else None
+    if len(shape) != 3 or shape[0] != (channels or shape[0]):
+        return f"[{channels or 'C'}, height, width] images"
+    if kind is nn.BatchNorm2d:
+        return shape
+    if kind is nn.Conv2d:
+        if layer.padding == "same":
+            return (layer.out_channels,) + shape[1:]
+        padding = (0, 0) if layer.padding == "valid" else _pair(layer.padding)
+        window = (_pair(layer.kernel_size), _pair(layer.stride), padding, _pair(layer.dilation), False)
+        channels = layer.out_channels
+    else:  # pooling
+        stride = layer.stride if layer.stride else layer.kernel_size
+        dilation = layer.dilation if kind is nn.MaxPool2d else 1
+        window = (_pair(layer.kernel_size), _pair(stride), _pair(layer.padding), _pair(dilation),
+                  layer.ceil_mode)
+        channels = shape[0]
+    kernel, stride, padding, dilation, ceil_mode = window
+    size = tuple(_window_output(shape[1 + a], kernel[a], stride[a], padding[a], dilation[a], ceil_mode)
+                 for a in (0, 1))
+    if min(size) < 1:
+        return f"images larger than {shape[1]}x{shape[2]}"
+    return (channels,) + size
+
+
 class TaskBatchedModel:
     """``model(params, x)`` with ``params[i]: [T, *theta_i.shape]`` and ``x: [T, N, *in]``.
 
@@ -127,14 +230,20 @@ class TaskBatchedModel:
         self.names = [name for name, _ in module.named_parameters()]
         #: every module of the model, containers too (their hooks count: see hook_reason)
         self.modules = list(module.modules())
+        self.layout = layer_layout(module)
+        self._fitting: set[tuple] = set()  # sample shapes input_problem passed
         layers = flatten_sequential(module)
         reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
+        #: why the layers' parameters cannot be read by position (the compiled engines read
+        #: them so too), or None
+        self.parameter_layout = None if layers is None or reasons else \
+            _parameter_layout_reason(layers, len(self.names))
         if layers is None:
             self.unsupported = f"{type(module).__name__} is not an nn.Sequential"
         elif reasons:
             self.unsupported = f"unsupported layer {reasons[0]}"
         else:
-            self.unsupported = _parameter_layout_reason(layers, len(self.names))
+            self.unsupported = self.parameter_layout
         self.layers = layers if self.unsupported is None else None
         # Index of each layer's first parameter in named_parameters() order.
         self.param_offsets = []
@@ -143,6 +252,31 @@ class TaskBatchedModel:
             for layer in self.layers:
                 self.param_offsets.append(offset)
                 offset += sum(1 for _ in layer.parameters(recurse=False))
+
+    def input_problem(self, sample: Sequence[int]) -> str | None:
+        """Why samples of shape ``sample`` (``x.shape[2:]``) do not fit the layers of an
+        ``nn.Sequential`` model, or None (also for other models, which say so themselves)."""
+        shape = tuple(sample)
+        if self.layers is None or shape in self._fitting:
+            return None
+        for index, layer in enumerate(self.layers):
+            out = _layer_output(layer, shape)
+            if isinstance(out, str):
+                arrive = f" reach it as {list(shape)}" if index else ""
+                return (f"samples of shape {list(sample)} do not fit layer {index} "
+                        f"({type(layer).__name__}), which takes {out}" + (
+                            f"; they{arrive}" if arrive else ""))
+            shape = out
+        self._fitting.add(tuple(sample))  # (the layers cannot change: check_unchanged)
+        return None
+
+    def check_unchanged(self) -> None:
+        """Raises a ValueError when the model's layers or their settings changed since this
+        was built: both engines would go on running the layers they read."""
+        change = layout_change(self.layout, layer_layout(self.module))
+        if change is not None:
+            raise ValueError(f"the model changed since the learner was built ({change}); build "
+                             f"a new learner for the changed model")
 
     @property
     def batched(self) -> bool:

@@ -72,6 +72,8 @@ class MAML(nn.Module):
 
     def _compiled_reason(self, support_x: Tensor | None = None) -> str | None:
         """None when a compiled engine can run this model (and these inputs)."""
+        if self._batched.parameter_layout is not None:
+            return self._batched.parameter_layout
         compiled = self._compiled_engine()
         if compiled.reason is not None:
             return compiled.reason
@@ -85,9 +87,13 @@ class MAML(nn.Module):
         the caller already has it."""
         if params is None:
             params = parameter_list(self.model)
+        self._batched.check_unchanged()
         like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y, scan_values=False)
+        problem = self._batched.input_problem(support_x.shape[2:])
+        if problem is not None:
+            raise ValueError(f"support_x: {problem}")
         if reference_only:
             check_same_parameters(params, self._param_shapes)
             engine = "torch"

@@ -49,8 +49,12 @@ class Reptile(nn.Module):
 
     def _validate(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """Checks the batch and the model; returns the model's first parameter."""
+        self._batched.check_unchanged()
         like = reference_parameter(self.model)
         check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y)
+        problem = self._batched.input_problem(support_x.shape[2:])
+        if problem is not None:
+            raise ValueError(f"support_x: {problem}")
         check_same_parameters(list(self.model.parameters()), self._param_shapes)
         return like
 
@@ -68,6 +72,7 @@ class Reptile(nn.Module):
                 self._compiled = compiled_engine(self.model, self.loss)
             reason = (hook_reason(self._batched.modules)
                       or backends.context_reason(like, support_x)
+                      or self._batched.parameter_layout
                       or self._compiled.reason or self._compiled.input_reason(support_x))
         engine = backends.resolve(self.backend, like.device, reason)
         if engine == "cpu":
