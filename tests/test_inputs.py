@@ -508,6 +508,17 @@ def test_a_layer_or_setting_changed_after_the_first_call_is_refused(kind, backen
         _call(learner, batch)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_layer_changed_inside_a_nested_sequential_is_refused(backend):
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 7), nn.ReLU()), nn.Linear(7, 3)).double()
+    batch = classification_batch(3, 5, 4, 4, 3)
+    learner = _learner("maml", model, "cross_entropy", backend)
+    _call(learner, batch)
+    model[0][1] = nn.Tanh()
+    with pytest.raises(ValueError, match=r"layer 1 is a new Tanh \(was a ReLU\)"):
+        _call(learner, batch)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("sample, match", [
     ((3, 8, 8), r"\[3, 8, 8\] do not fit layer 0 \(Conv2d\), which takes \[1, height, width\]"),

@@ -231,6 +231,14 @@ class TaskBatchedModel:
         #: every module of the model, containers too (their hooks count: see hook_reason)
         self.modules = list(module.modules())
         self.layout = layer_layout(module)
+        # For the per-call checks' fast path: the hook dicts (hooks are added to these very
+        # objects), every Sequential's children, and the layers that have settings.
+        self._hook_dicts = [hooks for m in self.modules for hooks in (
+            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+        self._containers = [(m, tuple(m._modules.values())) for m in self.modules
+                            if isinstance(m, nn.Sequential)]
+        self._settings = [(layer, _READ_SETTINGS[type(layer)], settings)
+                          for layer, settings in self.layout or () if settings]
         self._fitting: set[tuple] = set()  # sample shapes input_problem passed
         layers = flatten_sequential(module)
         reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
@@ -270,9 +278,21 @@ class TaskBatchedModel:
         self._fitting.add(tuple(sample))  # (the layers cannot change: check_unchanged)
         return None
 
+    def hooks(self) -> str | None:
+        """:func:`hook_reason` for this model (its modules as they were read)."""
+        if (any(self._hook_dicts) or _modules._global_forward_hooks
+                or _modules._global_forward_pre_hooks or _modules._global_backward_hooks
+                or _modules._global_backward_pre_hooks):
+            return hook_reason(self.modules)
+        return None
+
     def check_unchanged(self) -> None:
         """Raises a ValueError when the model's layers or their settings changed since this
         was built: both engines would go on running the layers they read."""
+        if self.layout is None or (
+                all(tuple(seq._modules.values()) == children for seq, children in self._containers)
+                and all(read(layer) == settings for layer, read, settings in self._settings)):
+            return
         change = layout_change(self.layout, layer_layout(self.module))
         if change is not None:
             raise ValueError(f"the model changed since the learner was built ({change}); build "
@@ -283,7 +303,7 @@ class TaskBatchedModel:
         """True when all tasks run as one batched computation (the fast path); a model with
         hooks runs task by task, through its own forward (checked at every call: hooks come
         and go)."""
-        return self.layers is not None and hook_reason(self.modules) is None
+        return self.layers is not None and self.hooks() is None
 
     def __call__(self, params: Sequence[Tensor], x: Tensor, start: int = 0,
                  stop: int | None = None) -> Tensor:

@@ -9,8 +9,7 @@ from fastmeta.checks import (check_batch_values, check_same_parameters, check_ta
                              output_classes, reference_parameter)
 from fastmeta.engine_cpu import CompiledEngine
 from fastmeta.engines import compiled_engine
-from fastmeta.functional import (TaskBatchedModel, flatten_sequential, hook_reason,
-                                 parameter_list)
+from fastmeta.functional import TaskBatchedModel, flatten_sequential, parameter_list
 from fastmeta.losses import LOSSES, check_finite, per_task_loss
 from fastmeta.precomputed import with_gradient
 from fastmeta.reference import AdaptedModel, adapt
@@ -115,7 +114,7 @@ class MAML(nn.Module):
         key = (self.backend, self.loss, like.device, like.dtype, tuple(support_x.shape[2:]),
                inputs_grad)
         # (Hooks, transforms and autocast come and go between calls: checked every time.)
-        reason = hook_reason(self._batched.modules) or backends.context_reason(like, support_x)
+        reason = self._batched.hooks() or backends.context_reason(like, support_x)
         if reason is None and self._compiled is not None and self._cpu_inputs == (self._compiled, key):
             return "cpu"
         check_same_parameters(params, self._param_shapes)

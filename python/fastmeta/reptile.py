@@ -10,7 +10,7 @@ from fastmeta.checks import (check_same_parameters, check_task_batch, output_cla
                              reference_parameter)
 from fastmeta.engine_cpu import CompiledEngine
 from fastmeta.engines import compiled_engine
-from fastmeta.functional import TaskBatchedModel, hook_reason
+from fastmeta.functional import TaskBatchedModel
 from fastmeta.maml import _check_settings
 from fastmeta.precomputed import with_gradient
 from fastmeta.reference import AdaptedModel, adapt
@@ -70,7 +70,7 @@ class Reptile(nn.Module):
         if self.backend != "torch":
             if self._compiled is None or self._compiled.loss != self.loss:
                 self._compiled = compiled_engine(self.model, self.loss)
-            reason = (hook_reason(self._batched.modules)
+            reason = (self._batched.hooks()
                       or backends.context_reason(like, support_x)
                       or self._batched.parameter_layout
                       or self._compiled.reason or self._compiled.input_reason(support_x))
