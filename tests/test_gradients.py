@@ -240,6 +240,21 @@ def test_maml_matches_per_task_oracle(kind, loss, steps, backend):
     assert rel_err(first_order_oracle(model, batch, loss, lr, steps), expected) > 1e-4
 
 
+@pytest.mark.parametrize("sample", [(5,), (3, 5)])
+def test_batch_norm_1d_matches_the_oracle(sample):
+    """BatchNorm1d over [features] or [channels, length] samples, as torch's (statistics
+    over the samples, and over the length too)."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(sample[0]), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(5 * (len(sample) == 2 and 3 or 1), 3)).double()
+    batch = classification_batch(2, 6, 5, sample, 3)
+    maml = fastmeta.MAML(model, 0.4, inner_steps=2, loss="cross_entropy", backend="torch")
+    assert maml._batched.batched
+    value, grads = fastmeta_grads(maml, batch, list(model.parameters()))
+    expected_value, expected, _ = oracle(model, batch, "cross_entropy", 0.4, 2)
+    assert abs(float(value - expected_value)) <= 1e-12 * abs(float(expected_value))
+    assert rel_err(grads, expected) < ORACLE_RTOL
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("kind,loss", CASES)
 def test_maml_matches_finite_differences(kind, loss, steps):

@@ -191,8 +191,9 @@ def _layer_output(layer: nn.Module, shape: tuple) -> tuple | str:
     if kind is nn.Linear:
         return shape[:-1] + (layer.out_features,) if shape and shape[-1] == layer.in_features \
             else f"{layer.in_features} features"
-    if kind is nn.BatchNorm1d:
-        return shape if shape == (layer.num_features,) else f"{layer.num_features} features"
+    if kind is nn.BatchNorm1d:  # (features,) or (channels, length), as torch's
+        return shape if len(shape) in (1, 2) and shape[0] == layer.num_features \
+            else f"samples of shape [{layer.num_features}] or [{layer.num_features}, length]"
     channels = {nn.Conv2d: "in_channels", nn.BatchNorm2d: "num_features"}.get(kind)
     channels = getattr(layer, channels) if channels else None
     if len(shape) != 3 or shape[0] != (channels or shape[0]):
@@ -365,7 +366,7 @@ class TaskBatchedModel:
             elif kind is nn.BatchNorm2d:
                 x = _batch_norm(x, own, layer.eps, reduce_dims=(0, 2, 3))
             elif kind is nn.BatchNorm1d:
-                x = _batch_norm(x, own, layer.eps, reduce_dims=(1,))
+                x = _batch_norm(x, own, layer.eps, reduce_dims=(1,) + tuple(range(3, x.dim())))
             elif kind is nn.MaxPool2d:
                 x = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                                  ceil_mode=layer.ceil_mode)
@@ -401,16 +402,18 @@ def _batch_norm(x: Tensor, affine: Sequence[Tensor], eps: float, reduce_dims: tu
 
     Channels layout [N, T*C, H, W] goes through ``F.batch_norm`` (plain autograd, no vmap:
     its double backward is exact, checked against finite differences in the tests, and it is
-    far faster than the primitive form on the CPU). [T, N, F] is written from primitives.
+    far faster than the primitive form on the CPU). [T, N, F] and [T, N, C, L] (batch norm over
+    samples and length, as torch's BatchNorm1d) are written from primitives.
     """
     weight, bias = affine if affine else (None, None)
-    if reduce_dims != (1,):
+    if reduce_dims[0] != 1:
         return F.batch_norm(x, None, None, None if weight is None else weight.reshape(-1),
                             None if bias is None else bias.reshape(-1), True, 0.0, eps)
-    mean = x.mean(dim=1, keepdim=True)
+    mean = x.mean(dim=reduce_dims, keepdim=True)
     centred = x - mean
-    var = (centred * centred).mean(dim=1, keepdim=True)
+    var = (centred * centred).mean(dim=reduce_dims, keepdim=True)
     out = centred * torch.rsqrt(var + eps)
-    if weight is not None:  # weight, bias [T, F]
-        out = out * weight.unsqueeze(1) + bias.unsqueeze(1)
+    if weight is not None:  # weight, bias [T, F] -> [T, 1, F, 1...]
+        shape = (weight.shape[0], 1, weight.shape[1]) + (1,) * (x.dim() - 3)
+        out = out * weight.reshape(shape) + bias.reshape(shape)
     return out
