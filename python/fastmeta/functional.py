@@ -122,11 +122,8 @@ def layer_layout(module: nn.Module) -> list[tuple[nn.Module, tuple]] | None:
     return layout
 
 
-def layout_change(before: list | None, now: list | None) -> str | None:
-    """What differs between two :func:`layer_layout` results, or None."""
-    if before is None or now is None:
-        return None if before is now else "the model is no longer an nn.Sequential of layers" \
-            if now is None else "the model became an nn.Sequential"
+def layout_change(before: list, now: list) -> str | None:
+    """What differs between two :func:`layer_layout` results of one model, or None."""
     if len(before) != len(now):
         return f"it has {len(now)} layers, not {len(before)}"
     for index, ((old, old_settings), (new, new_settings)) in enumerate(zip(before, now)):
@@ -194,10 +191,10 @@ def _layer_output(layer: nn.Module, shape: tuple) -> tuple | str:
     if kind is nn.BatchNorm1d:  # (features,) or (channels, length), as torch's
         return shape if len(shape) in (1, 2) and shape[0] == layer.num_features \
             else f"samples of shape [{layer.num_features}] or [{layer.num_features}, length]"
-    channels = {nn.Conv2d: "in_channels", nn.BatchNorm2d: "num_features"}.get(kind)
-    channels = getattr(layer, channels) if channels else None
-    if len(shape) != 3 or shape[0] != (channels or shape[0]):
-        return f"[{channels or 'C'}, height, width] images"
+    takes = layer.in_channels if kind is nn.Conv2d else \
+        layer.num_features if kind is nn.BatchNorm2d else None   # (pooling: any channels)
+    if len(shape) != 3 or (takes is not None and shape[0] != takes):
+        return f"[{'C' if takes is None else takes}, height, width] images"
     if kind is nn.BatchNorm2d:
         return shape
     if kind is nn.Conv2d:
@@ -231,7 +228,7 @@ class TaskBatchedModel:
         self.names = [name for name, _ in module.named_parameters()]
         #: every module of the model, containers too (their hooks count: see hook_reason)
         self.modules = list(module.modules())
-        self.layout = layer_layout(module)
+        self.layout = layer_layout(module)  # (None: not an nn.Sequential)
         # For the per-call checks' fast path: the hook dicts (hooks are added to these very
         # objects), every Sequential's children, and the layers that have settings.
         self._hook_dicts = [hooks for m in self.modules for hooks in (
@@ -241,7 +238,7 @@ class TaskBatchedModel:
         self._settings = [(layer, _READ_SETTINGS[type(layer)], settings)
                           for layer, settings in self.layout or () if settings]
         self._fitting: set[tuple] = set()  # sample shapes input_problem passed
-        layers = flatten_sequential(module)
+        layers = None if self.layout is None else [layer for layer, _ in self.layout]
         reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
         #: why the layers' parameters cannot be read by position (the compiled engines read
         #: them so too), or None
@@ -271,13 +268,20 @@ class TaskBatchedModel:
         for index, layer in enumerate(self.layers):
             out = _layer_output(layer, shape)
             if isinstance(out, str):
-                arrive = f" reach it as {list(shape)}" if index else ""
                 return (f"samples of shape {list(sample)} do not fit layer {index} "
-                        f"({type(layer).__name__}), which takes {out}" + (
-                            f"; they{arrive}" if arrive else ""))
+                        f"({type(layer).__name__}), which takes {out}"
+                        + (f"; they reach it as {list(shape)}" if index else ""))
             shape = out
         self._fitting.add(tuple(sample))  # (the layers cannot change: check_unchanged)
         return None
+
+    def check_model_takes(self, x: Tensor) -> None:
+        """Raises a ValueError when the model changed since this was built or its layers do
+        not take ``x``'s samples (``x: [T, N, *sample]``)."""
+        self.check_unchanged()
+        problem = self.input_problem(x.shape[2:])
+        if problem is not None:
+            raise ValueError(f"support_x: {problem}")
 
     def hooks(self) -> str | None:
         """:func:`hook_reason` for this model (its modules as they were read)."""

@@ -86,13 +86,10 @@ class MAML(nn.Module):
         the caller already has it."""
         if params is None:
             params = parameter_list(self.model)
-        self._batched.check_unchanged()
         like = reference_parameter(self.model, params)
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y, scan_values=False)
-        problem = self._batched.input_problem(support_x.shape[2:])
-        if problem is not None:
-            raise ValueError(f"support_x: {problem}")
+        self._batched.check_model_takes(support_x)
         if reference_only:
             check_same_parameters(params, self._param_shapes)
             engine = "torch"

@@ -49,12 +49,9 @@ class Reptile(nn.Module):
 
     def _validate(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """Checks the batch and the model; returns the model's first parameter."""
-        self._batched.check_unchanged()
         like = reference_parameter(self.model)
         check_task_batch(like, self.loss, output_classes(self.model), support_x, support_y)
-        problem = self._batched.input_problem(support_x.shape[2:])
-        if problem is not None:
-            raise ValueError(f"support_x: {problem}")
+        self._batched.check_model_takes(support_x)
         check_same_parameters(list(self.model.parameters()), self._param_shapes)
         return like
 
