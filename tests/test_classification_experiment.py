@@ -368,3 +368,21 @@ def test_conv_network_needs_images_of_at_least_two_pixels():
         classification.make_config({"dataset": "folder", "image_size": 1, "data": "x"})
     assert classification.make_config({"dataset": "folder", "image_size": 1, "model": "mlp",
                                        "data": "x"})["image_size"] == 1
+
+
+def test_a_saved_run_whose_data_is_gone_takes_fastmeta_data(tmp_path, monkeypatch):
+    """The missing-data message says "pass --data PATH or set FASTMETA_DATA": both must work
+    for --resume and fastmeta eval, whose runs remember their data path."""
+    from fastmeta.experiments import classification
+
+    config = {"dataset": "folder", "data": str(tmp_path / "moved-away")}
+    monkeypatch.delenv(classification.ENV, raising=False)
+    classification._data_from_environment(config)
+    assert config["data"] == str(tmp_path / "moved-away")
+    monkeypatch.setenv(classification.ENV, str(tmp_path))
+    classification._data_from_environment(config)
+    assert config["data"] == str(tmp_path)
+    present = {"dataset": "folder", "data": str(tmp_path)}
+    monkeypatch.setenv(classification.ENV, "/elsewhere")
+    classification._data_from_environment(present)          # a path that exists is kept
+    assert present["data"] == str(tmp_path)

@@ -38,6 +38,9 @@ TINY = ["--iterations", "20", "--eval-tasks", "20", "--baseline-steps", "30", "-
     (["train", "--outer-lr", "1e39"], ["--outer-lr"]),
     (["train", "--output", ""], ["--output", "empty"]),
     (["train", "folder", "--image-size", "100000"], ["--image-size"]),
+    (["train", "--data", "/some/where"], ["--data", "does not apply to digits"]),
+    (["train", "--eval-tasks", "99999999999", "--no-eval"], ["--eval-tasks", "GiB", "use fewer"]),
+    (["train", "--meta-batch", "100000000"], ["--meta-batch", "GiB"]),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, fragments, capsys):
     assert_one_line_error(*run_cli(argv, capsys), *fragments)
@@ -205,6 +208,28 @@ def test_tampered_checkpoint_is_named(sinusoid_run, tamper, words, capsys):
     for argv in (["eval", str(sinusoid_run)],
                  ["train", "sinusoid", "--resume", "--output", str(sinusoid_run), "--no-eval"]):
         assert_one_line_error(*run_cli(argv, capsys), str(path), words)
+
+
+def test_a_run_on_a_device_this_torch_lacks_says_so(sinusoid_run, capsys):
+    path = sinusoid_run / "checkpoint.pt"
+    state = checkpoint.load(path)
+    device = "meta" if torch.cuda.is_available() else "cuda"   # (trained on a GPU box)
+    state["config"]["device"] = device
+    torch.save(state, path)
+    assert_one_line_error(*run_cli(["eval", str(sinusoid_run)], capsys), "the run's device",
+                          "--device cpu")
+    code, _, err = run_cli(["eval", str(sinusoid_run), "--device", "cpu", "-o",
+                            str(sinusoid_run / "on_cpu")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "not a device"] +
+                         ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_saved_device_this_torch_cannot_use_is_refused(device):
+    from fastmeta.experiments import training
+
+    with pytest.raises(ValueError, match="--device cpu"):
+        training.check_device(device)
 
 
 def test_metric_lines_that_are_not_records_are_skipped(sinusoid_run, capsys):

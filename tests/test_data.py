@@ -594,6 +594,69 @@ def test_image_folder_errors(tmp_path):
         ImageFolderTasks(tmp_path / "flat")
 
 
+def test_omniglot_corrupt_deflate_stream_names_the_member(tmp_path):
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for drawer in (1, 2):
+            archive.writestr(f"images_background/A/character01/0001_0{drawer}.png",
+                             png_bytes(stroke_image(0, drawer)))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.infolist()[1]
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start:start + 8] = b"\xff" * 8   # the member's deflate stream, not its headers
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="0001_02.png"):
+        Omniglot(tmp_path, "background", cache=False)
+
+
+def _save(path: Path, image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def test_images_decode_as_a_viewer_shows_them(tmp_path):
+    ramp = np.linspace(0, 65535, 16).astype(np.uint16)[None].repeat(2, 0)
+    deep = _save(tmp_path / "deep.png", PIL.fromarray(ramp))
+    ink = np.zeros((2, 4, 4), np.uint8)
+    ink[1][:, 1:3] = 255                  # black strokes drawn by alpha alone
+    alpha = _save(tmp_path / "alpha.png", PIL.fromarray(np.stack([ink[0]] * 3 + [ink[1]], -1)))
+    tall = PIL.fromarray(np.arange(32, dtype=np.uint8).reshape(8, 4))
+    exif = tall.getexif()
+    exif[image_helpers.ORIENTATION_TAG] = 6   # rotate 90 degrees clockwise to display
+    rotated = tmp_path / "rotated.png"
+    tall.save(rotated, exif=exif)
+    decode = image_helpers.decode_images
+    assert decode([str(deep)], workers=1)[0, 0].tolist() == np.linspace(0, 255, 16).round().tolist()
+    assert decode([str(alpha)], workers=1)[0, 0].tolist() == [255, 0, 0, 255]
+    assert decode([str(rotated)], workers=1).shape == (1, 4, 8)
+    for mode, values in (("I", np.arange(4, dtype=np.int32)), ("F", np.linspace(0, 1, 4, dtype=np.float32))):
+        path = _save(tmp_path / f"{mode}.tif", PIL.fromarray(values.reshape(2, 2)))
+        with pytest.raises(DataError, match=f"{mode}.tif: its pixels are"):
+            decode([str(path)], workers=1)
+
+
+def test_image_folder_odd_names_links_and_extensions(tmp_path):
+    root = tmp_path / "odd"
+    for name in ("²", "1²2", "b"):     # "²" is a digit to str.isdigit, but not to int()
+        for i in range(2):
+            _save(root / name / f"x{i}.png", PIL.fromarray(np.full((3, 3), i, np.uint8)))
+    os.mkdir(os.path.join(os.fsencode(root), b"\xff-bytes"))
+    _save(Path(os.fsdecode(os.path.join(os.fsencode(root), b"\xff-bytes"))) / "y.png",
+          PIL.fromarray(np.zeros((3, 3), np.uint8)))
+    data = ImageFolderTasks(root, cache=False)
+    assert sorted(data.class_names) == sorted(["²", "1²2", "b", "\ufffd-bytes"])
+    for name in data.class_names:
+        name.encode("utf-8")           # printable and plottable
+    os.symlink(tmp_path / "nowhere.png", root / "b" / "broken.png")
+    with pytest.raises(DataError, match="broken.png"):
+        ImageFolderTasks(root, cache=False)
+    for bad in ((1,), ("png",), ()):
+        with pytest.raises(TypeError, match="extensions"):
+            ImageFolderTasks(root, extensions=bad, cache=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The real Omniglot, when it is beside the checkout (or at $FASTMETA_DATA)
 # ---------------------------------------------------------------------------------------------

@@ -290,6 +290,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from fastmeta import checkpoint, experiments
+    from fastmeta.experiments import training
 
     path = checkpoint.resolve_path(args.checkpoint)
     state = checkpoint.load(path)
@@ -298,6 +299,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError(f"{path} does not say which experiment it is from")
     module = experiments.get(config["dataset"])
     _check_checkpoint(path, module, state)
+    training.check_device(args.device or config.get("device", "cpu"))
     output = Path(args.output) if args.output else path.parent
     metrics = path.parent / getattr(module, "METRICS_FILE", "metrics.jsonl")
     extra = {}

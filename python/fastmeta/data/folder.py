@@ -34,6 +34,11 @@ class ImageFolderTasks(ClassDataset):
         resample_filter(resample)
         if isinstance(extensions, str):  # one extension, not its characters
             extensions = (extensions,)
+        if (not isinstance(extensions, (tuple, list)) or not extensions
+                or not all(isinstance(e, str) and e.startswith(".") and len(e) > 1
+                           for e in extensions)):
+            raise TypeError(f"extensions must be one or more file extensions like '.png', got "
+                            f"{extensions!r}")
         extensions = tuple(e.lower() for e in extensions)
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -54,7 +59,10 @@ class ImageFolderTasks(ClassDataset):
             paths += found
             labels += [label] * len(found)
             for path in found:
-                stat = os.stat(path)
+                try:
+                    stat = os.stat(path)
+                except OSError as error:  # a broken symbolic link, a link loop
+                    raise DataError(f"cannot read the image {path}: {error.strerror}") from None
                 signature.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns])
         if not classes:
             raise DataError(f"no image folder at {root}: it has no class sub-folders (expected "
@@ -71,7 +79,10 @@ class ImageFolderTasks(ClassDataset):
 
         pixels, _ = cached_array("folder", key, build, cache)
         pixels = pixels[:, None] if grayscale else pixels.transpose(0, 3, 1, 2)
+        # Folder names that are not valid UTF-8 keep their bytes as lone surrogates, which
+        # nothing can print or plot: shown with replacement characters instead.
+        names = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in classes]
         super().__init__(torch.from_numpy(np.ascontiguousarray(pixels)),
-                         torch.tensor(labels, dtype=torch.int64), len(classes), None, classes)
+                         torch.tensor(labels, dtype=torch.int64), len(classes), None, names)
         self.root = root
         self.paths = paths

@@ -14,8 +14,10 @@ import io
 import json
 import os
 import re
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -230,14 +232,40 @@ def check_size(image_size) -> tuple[int, int] | None:
     return int(image_size[0]), int(image_size[1])
 
 
+ORIENTATION_TAG = 0x0112  # EXIF's "Orientation"
+
+
+def _as_displayed(image, where: str):
+    """``image`` as a viewer shows it, in an 8-bit mode: EXIF orientation applied,
+    transparency composited onto white, 16-bit grey scaled to 8 bits (``convert`` would clip
+    it). 32-bit integer and float images have no agreed range: refused."""
+    from PIL import Image, ImageOps
+
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # (exif_transpose copies even when not)
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+    if image.mode in ("I", "F"):
+        raise DataError(f"cannot decode the image {where}: its pixels are "
+                        f"{'32-bit integers' if image.mode == 'I' else 'floats'} with no set "
+                        f"range; save it as 8- or 16-bit")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image
+
+
 def _decode(data, where: str, size, grayscale: bool, invert: bool, resample: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            image = image.convert("L" if grayscale else "RGB")
+            image = _as_displayed(image, where).convert("L" if grayscale else "RGB")
+    except DataError:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-            SyntaxError) as error:
+            SyntaxError, zlib.error, struct.error, TypeError) as error:
         reason = "not an image format PIL reads" if isinstance(error, UnidentifiedImageError) \
             else error
         raise DataError(f"cannot decode the image {where}: {reason}") from None
@@ -268,7 +296,7 @@ def _decode_chunk(job) -> np.ndarray:
                 try:
                     data = archive.read(name)
                 except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError,
-                        KeyError, ValueError) as error:
+                        KeyError, ValueError, zlib.error) as error:
                     raise DataError(f"cannot read {where} (the archive is corrupt: {error})") from None
                 arrays.append(_decode(data, where, size, grayscale, invert, resample))
     if not arrays:
@@ -348,7 +376,8 @@ def decode_images(names: Sequence[str], container=None, size=None, grayscale: bo
 
 def natural_key(text: str):
     """Sort key that orders embedded numbers numerically ("character2" < "character10")."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+    # (isdecimal: "²" is a digit, but int() refuses it; every \d character is decimal)
+    return [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", text)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,8 +85,9 @@ class TaskSampler:
         if int(counts[smallest]) < need:
             names = getattr(dataset, "class_names", None)
             name = f" ({names[smallest]})" if names else ""
-            raise ValueError(f"TaskSampler: k_shot + q_queries = {need} images per class, but class "
-                             f"{smallest}{name} has only {int(counts[smallest])} images (the smallest class)")
+            raise ValueError(f"TaskSampler: k_shot + q_queries = {need} images per class, but "
+                             f"class {smallest}{name} has only {_images(int(counts[smallest]))} "
+                             f"(the smallest class)")
         self._table = table                                  # [C, M] int64, -1 padded
         self._counts = counts
         self._uniform = bool((counts == table.shape[1]).all())
@@ -197,6 +198,10 @@ class TaskSampler:
     def __repr__(self) -> str:
         return (f"TaskSampler({self.n_way}-way {self.k_shot}-shot, {self.q_queries} queries, "
                 f"meta_batch={self.meta_batch}, {self.num_classes} classes, seed={self.seed})")
+
+
+def _images(count: int) -> str:
+    return f"{count} image" + ("" if count == 1 else "s")
 
 
 def _class_table(dataset) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import sys
 import time
@@ -216,6 +217,8 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
         if config["image_size"] < 2 and config["model"] == "conv":
             raise ValueError("--image-size must be at least 2 for the conv network (one "
                              "conv-pool block halves it)")
+    if dataset == "digits" and config["data"] is not None:
+        raise ValueError("--data does not apply to digits (scikit-learn's embedded images)")
     for key in ("inner_lr", "outer_lr"):
         training.require_positive_number(config, key)
     if config["ways"] < 2 or config["train_ways"] < 2:
@@ -234,6 +237,15 @@ class Splits(NamedTuple):
     val: ClassDataset         # held-out training classes, for validation
     test: ClassDataset        # the test classes, never seen in training
     description: str
+
+
+def _data_from_environment(config: dict[str, Any]) -> None:
+    """A saved run (``--resume``, ``fastmeta eval``) whose data path is gone takes
+    ``$FASTMETA_DATA`` instead, as the missing-data message advises."""
+    saved = config.get("data")
+    if config["dataset"] != "digits" and os.environ.get(ENV) and (
+            not saved or not Path(saved).expanduser().exists()):
+        config["data"] = os.environ[ENV]
 
 
 def _data_root(config: dict[str, Any]) -> Path:
@@ -334,7 +346,19 @@ def check_task_sizes(config: dict[str, Any], splits: Splits) -> None:
         if config["shots"] + queries > smallest:
             raise ValueError(f"--shots {config['shots']} + {queries_option} {queries} = "
                              f"{config['shots'] + queries} images per class, but some {dataset} "
-                             f"{role} classes have only {smallest} images")
+                             f"{role} classes have only {smallest} image{'' if smallest == 1 else 's'}")
+    # The validation and test tasks are built up front, and a meta-batch at once: refuse
+    # sizes whose images alone would fill half the machine's memory, rather than swap or die.
+    image_bytes = 4 * math.prod(splits.train.image_shape)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for option, tasks, ways, queries in (
+            ("--eval-tasks", config["eval_tasks"], config["ways"], config["eval_queries"]),
+            ("--val-tasks", config["val_tasks"], config["ways"], config["eval_queries"]),
+            ("--meta-batch", config["meta_batch"], config["train_ways"], config["queries"])):
+        need = tasks * ways * (config["shots"] + queries) * image_bytes
+        if need > memory // 2:
+            raise ValueError(f"{option} {tasks} needs {need / 2**30:,.1f} GiB for its images "
+                             f"alone; this machine has {memory / 2**30:,.1f} GiB: use fewer")
 
 
 # Models -------------------------------------------------------------------------------------
@@ -507,6 +531,8 @@ def train(config: dict[str, Any], resume: bool = False, quiet: bool = False,
                        quiet=quiet, explicit=explicit, stream=stream,
                        changeable=CHANGEABLE_ON_RESUME, keep_saved=True)
     config = run.config
+    if resume and "data" not in explicit:
+        _data_from_environment(config)
     splits = load_splits(config)
     check_task_sizes(config, splits)
     device = torch.device(config["device"])
@@ -622,13 +648,15 @@ def evaluate_checkpoint(state: dict[str, Any], output: str | os.PathLike | None 
     ``output`` (the learning curves too, given the run's ``metrics_path``)."""
     results_stream = sys.stdout if results_stream is None else results_stream
     config = dict(state["config"])
+    if data is not None and config["dataset"] == "digits":
+        raise ValueError("--data does not apply to digits (scikit-learn's embedded images)")
     for key, value in (("device", device), ("eval_tasks", eval_tasks),
                        ("baseline_steps", baseline_steps), ("data", data),
                        ("finetune_steps", finetune_steps)):
         if value is not None:
             config[key] = value
-    if config.get("data") is None and config["dataset"] != "digits":
-        config["data"] = os.environ.get(ENV) or None
+    if data is None:
+        _data_from_environment(config)
     output = Path(config["output"] if output is None else output)
     splits = load_splits(config)
     check_task_sizes(config, splits)
