@@ -199,6 +199,8 @@ def test_resume_names_a_dataset_other_than_the_runs(sinusoid_run, capsys):
     (lambda state: state["config"].pop("seed"), "lacks seed"),
     (lambda state: state["config"].update(meta_batch="two"), "bad run configuration"),
     (lambda state: state.update(iteration=-5), "bad iteration count -5"),
+    (lambda state: state.update(elapsed="abc"), "bad training time 'abc'"),
+    (lambda state: state.update(algorithm=[1, 2]), "holds no learner weights"),
 ])
 def test_tampered_checkpoint_is_named(sinusoid_run, tamper, words, capsys):
     path = sinusoid_run / "checkpoint.pt"

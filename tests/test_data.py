@@ -466,6 +466,18 @@ def test_omniglot_rebuilds_a_cache_whose_record_is_not_one(tiny_root, tmp_path, 
     assert torch.equal(first.pixels, Omniglot(tiny_root, "background", image_size=8).pixels)
 
 
+@pytest.mark.parametrize("meta", [{}, None, {"characters": ["one"]}, {"characters": [1, 2]}])
+def test_omniglot_rebuilds_a_cache_whose_meta_does_not_fit(tiny_root, tmp_path, meta):
+    import json
+
+    first = Omniglot(tiny_root, "background", image_size=8)
+    for path in (tmp_path / "cache").glob("*.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "meta": meta}))
+    again = Omniglot(tiny_root, "background", image_size=8)
+    assert torch.equal(first.pixels, again.pixels) and again.characters == first.characters
+
+
 def test_omniglot_decompression_bomb_names_the_member(tmp_path, monkeypatch):
     from PIL import Image
 

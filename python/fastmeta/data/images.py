@@ -398,10 +398,13 @@ def file_signature(path) -> list:
 
 
 def cached_array(prefix: str, key: dict, build: Callable[[], tuple[np.ndarray, dict]],
-                 use_cache: bool = True) -> tuple[np.ndarray, dict]:
+                 use_cache: bool = True,
+                 meta_fits: Callable[[dict, np.ndarray], bool] = lambda meta, array: True
+                 ) -> tuple[np.ndarray, dict]:
     """``build()`` -> ``(array, meta)``, stored as ``<cache>/<prefix>-<hash of key>.npy`` with
     a ``.json`` beside it; later calls with the same key read it back instead. A cache that
-    cannot be written only warns; a damaged one is rebuilt."""
+    cannot be written only warns; a damaged one (``meta_fits`` says whether a stored meta
+    goes with its array) is rebuilt."""
     if not use_cache:
         return build()
     text = json.dumps({"format": CACHE_FORMAT, **key}, sort_keys=True)
@@ -415,7 +418,8 @@ def cached_array(prefix: str, key: dict, build: Callable[[], tuple[np.ndarray, d
                 stored = json.load(handle)
             if isinstance(stored, dict) and stored.get("key") == text:
                 array = np.load(array_path, allow_pickle=False)
-                if list(array.shape) == stored["shape"] and str(array.dtype) == stored["dtype"]:
+                if (list(array.shape) == stored["shape"] and str(array.dtype) == stored["dtype"]
+                        and isinstance(stored["meta"], dict) and meta_fits(stored["meta"], array)):
                     return array, stored["meta"]
         except (OSError, ValueError, KeyError, TypeError, EOFError):
             pass  # damaged: rebuild below

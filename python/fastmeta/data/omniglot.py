@@ -219,6 +219,11 @@ def load_part(source: Path, part: str, size, resample: str, cache: bool,
         drawings = len(ordered) // len(names)
         return decoded.reshape(len(names), drawings, *decoded.shape[1:]), {"characters": names}
 
+    def fits(meta, array) -> bool:  # one character name per row of drawings
+        names = meta.get("characters")
+        return isinstance(names, list) and len(names) == len(array) \
+            and all(isinstance(name, str) for name in names)
+
     array, meta = cached_array(f"omniglot-{part}-{'x'.join(map(str, size or (NATIVE_SIZE,) * 2))}",
-                               key, build, cache)
+                               key, build, cache, fits)
     return array, list(meta["characters"])

@@ -243,6 +243,13 @@ def check_saved_run(state: dict[str, Any], path, make_config) -> None:
     iteration = state.get("iteration")
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ckpt.CheckpointError(f"{path} holds a bad iteration count {iteration!r}")
+    elapsed = state.get("elapsed", 0.0)
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not (
+            math.isfinite(elapsed) and elapsed >= 0):
+        raise ckpt.CheckpointError(f"{path} holds a bad training time {elapsed!r}")
+    if not isinstance(state.get("algorithm"), dict):
+        raise ckpt.CheckpointError(f"{path} holds no learner weights (its 'algorithm' entry is "
+                                   f"{type(state.get('algorithm')).__name__}, not a state dict)")
 
 
 def merge_resumed(state: dict[str, Any], config: dict[str, Any], explicit: Sequence[str],
