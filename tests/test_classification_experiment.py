@@ -386,3 +386,11 @@ def test_a_saved_run_whose_data_is_gone_takes_fastmeta_data(tmp_path, monkeypatc
     monkeypatch.setenv(classification.ENV, "/elsewhere")
     classification._data_from_environment(present)          # a path that exists is kept
     assert present["data"] == str(tmp_path)
+
+
+def test_a_data_path_that_is_not_a_path_is_refused():
+    """A tampered checkpoint's data entry is named by check_saved_run, which calls this."""
+    from fastmeta.experiments import classification
+
+    with pytest.raises(ValueError, match="--data must be a path, got 12"):
+        classification.make_config({"dataset": "folder", "data": 12})

@@ -193,6 +193,8 @@ def make_config(options: dict[str, Any]) -> dict[str, Any]:
     if config["data"] is None and dataset != "digits":
         config["data"] = os.environ.get(ENV) or None
     if config["data"] is not None:
+        if not isinstance(config["data"], (str, os.PathLike)):
+            raise ValueError(f"--data must be a path, got {config['data']!r}")
         config["data"] = str(config["data"])
     if config["model"] not in MODELS:
         raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {config['model']!r}")
