@@ -385,6 +385,12 @@ def test_omniglot_lake_reads_the_standard_layout(tiny_root):
     assert torch.equal(evaluation.images[:, 0], torch.from_numpy(expected_strokes("evaluation")))
 
 
+def test_omniglot_other_than_the_published_archives_is_named(tiny_root):
+    with pytest.warns(UserWarning, match=r"images_background.zip holds \d+ characters of \d+ "
+                                         r"drawings, the standard images_background 964 of 20"):
+        Omniglot(tiny_root, "background")
+
+
 def test_omniglot_vinyals_split_and_rotations(tiny_root):
     train = Omniglot(tiny_root, "train", image_size=None, train_characters=6)
     test = Omniglot(tiny_root, "test", image_size=None, train_characters=6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from fastmeta.data.images import (ClassDataset, DataError, cached_array, check_s
                                   resample_filter)
 
 PARTS = ("background", "evaluation")
+#: (characters, drawings per character) of the published archives
+STANDARD_SHAPES = {"background": (964, 20), "evaluation": (659, 20)}
 SPLITS = ("train", "test", "background", "evaluation")
 PROTOCOLS = ("vinyals", "lake")
 NATIVE_SIZE = 105
@@ -99,6 +102,13 @@ class Omniglot(ClassDataset):
         pixels, characters = [], []
         for part in parts:
             array, names = load_part(sources[part], part, size, resample, cache, workers)
+            if array.shape[:2] != STANDARD_SHAPES[part]:
+                # (a partial copy would silently shift the vinyals split, made by count)
+                warnings.warn(f"fastmeta: {sources[part]} holds {array.shape[0]} characters of "
+                              f"{array.shape[1]} drawings, the standard images_{part} "
+                              f"{STANDARD_SHAPES[part][0]} of {STANDARD_SHAPES[part][1]}: a partial "
+                              f"or modified copy, so the splits are not the standard ones",
+                              stacklevel=2)
             pixels.append(array)
             characters += names
         if len({p.shape[1:] for p in pixels}) > 1:
