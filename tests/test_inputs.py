@@ -590,12 +590,18 @@ def test_labels_are_checked_against_a_model_that_ends_in_an_activation(nothing_r
         fastmeta.MAML(model, 0.1, loss="cross_entropy", backend="auto")(sx, sy, qx, qy)
 
 
-def test_meta_sgd_rates_must_follow_the_model():
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_meta_sgd_rates_must_follow_the_model(backend):
     learner = fastmeta.MetaSGD(_classifier(torch.float32), 0.1, loss="cross_entropy",
-                               backend="cpu")
+                               backend=backend)
     learner.model.double()  # the model only, not the rates
+    batch = classification_batch(3, 5, 4, 4, 3)
     with pytest.raises(TypeError, match="convert the learner"):
-        learner(*classification_batch(3, 5, 4, 4, 3))
+        learner(*batch)
+    with pytest.raises(TypeError, match="convert the learner"):
+        learner.adapt(*batch[:2])
+    learner.double()
+    learner(*batch)
     with pytest.raises(ValueError, match="inner_lr_init=1e\\+300 does not fit"):
         fastmeta.MetaSGD(_classifier(torch.float32), 1e300)
 

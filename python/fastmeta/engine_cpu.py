@@ -137,11 +137,7 @@ class CompiledEngine:
             check_batch_values(self.loss, support_x, support_y, query_x, query_y)
         dtype = _NUMPY[support_x.dtype]
         num_tasks = support_x.shape[0]
-        meta_sgd = not isinstance(lrs, (int, float))
-        if meta_sgd and any(rate.dtype != support_x.dtype for rate in lrs):
-            raise TypeError(f"the inner learning rates are {lrs[0].dtype} but the model and data "
-                            f"are {support_x.dtype}: convert the learner (e.g. metasgd.double()), "
-                            f"not only the model")
+        meta_sgd = not isinstance(lrs, (int, float))   # (MetaSGD checked their dtype)
         lr_arg = self._arrays("lrs", lrs) if meta_sgd else float(lrs)
         # Outputs are numpy arrays, handed to torch without a copy: cheaper than torch.empty.
         support_losses = np.empty((num_tasks, steps), dtype)

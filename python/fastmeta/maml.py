@@ -64,6 +64,9 @@ class MAML(nn.Module):
     def _features_from(self) -> int:
         return 0
 
+    def _check_rates(self, like: Tensor) -> None:
+        """Learned inner learning rates (Meta-SGD) must live with the weights."""
+
     def _compiled_engine(self) -> CompiledEngine:
         if self._compiled is None or self._compiled.loss != self.loss:
             self._compiled = compiled_engine(self.model, self.loss, self._adapted())
@@ -90,6 +93,7 @@ class MAML(nn.Module):
         check_task_batch(like, self.loss, self._num_classes, support_x, support_y,
                          query_x, query_y, scan_values=False)
         self._batched.check_model_takes(support_x)
+        self._check_rates(like)
         if reference_only:
             check_same_parameters(params, self._param_shapes)
             engine = "torch"
@@ -188,6 +192,14 @@ class MetaSGD(MAML):
 
     def _inner_lrs(self) -> list:
         return list(self.inner_lrs)
+
+    def _check_rates(self, like: Tensor) -> None:
+        # (torch would promote float32 rates on float64 weights; the engine would refuse)
+        for rate in self.inner_lrs:
+            if rate.dtype != like.dtype or rate.device != like.device:
+                raise TypeError(f"the inner learning rates are {rate.dtype} on {rate.device} but "
+                                f"the model is {like.dtype} on {like.device}: convert the learner "
+                                f"(e.g. metasgd.double(), metasgd.to(device)), not only the model")
 
 
 class ANIL(MAML):
