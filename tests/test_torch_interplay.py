@@ -226,3 +226,12 @@ def test_an_adapted_model_is_a_snapshot(steps):
             for p in model.parameters():
                 p.sub_(1.0)
 
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_fully_frozen_model_gives_a_loss_without_a_graph(backend):
+    model = _mlp().requires_grad_(False)
+    loss = fastmeta.MAML(model, LR, STEPS, loss="cross_entropy", backend=backend)(*_batch(model))
+    assert not loss.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()

@@ -152,6 +152,10 @@ class MAML(nn.Module):
         adapted = self._adapt(support_x, support_y, self.inner_steps)
         losses = per_task_loss(self.loss, adapted(query_x), query_y)
         check_finite(losses, "the query loss")
+        if not any(p.requires_grad for p in self.parameters()):
+            # Nothing to meta-learn (every weight frozen): as in torch, and as on the
+            # compiled engine, a loss without a graph (the inner loop's graph is internal).
+            return losses.mean().detach()
         return losses.mean()
 
     def _compiled_forward(self, params: list[Tensor], support_x: Tensor, support_y: Tensor,
