@@ -138,7 +138,7 @@ def output_classes(model: nn.Module) -> int | None:
     from fastmeta.functional import flatten_sequential
 
     layers = flatten_sequential(model) or []
-    while layers and type(layers[-1]) in _ELEMENTWISE:
+    while layers and type(layers[-1]) in _SHAPE_PRESERVING:
         layers = layers[:-1]
     if layers and isinstance(layers[-1], nn.Linear):
         return layers[-1].out_features
@@ -146,7 +146,7 @@ def output_classes(model: nn.Module) -> int | None:
 
 
 # Layers that keep their input's shape, value by value.
-_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU,
+_SHAPE_PRESERVING = (nn.Identity, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU,
                 nn.SiLU, nn.Softplus, nn.Dropout)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastmeta import backends
 from fastmeta.engine_cpu import CompiledEngine, _task_array, check_mse_targets
-from fastmeta.functional import flatten_sequential
+from fastmeta.functional import flatten_sequential, parameter_layout_reason
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -140,6 +140,12 @@ class CompiledConv4(CompiledEngine):
         self._engines: dict[tuple[int, int], object] = {}
         self._arrays_cache: dict[str, tuple[list[int], list]] = {}
         if self.spec is None:
+            return
+        # (batch norm's weight and bias have one shape: only their order tells them apart)
+        layout = parameter_layout_reason(flatten_sequential(model),
+                                         len(list(model.parameters())))
+        if layout is not None:
+            self.reason, self.spec = layout, None
             return
         self.shapes = self.spec.parameter_shapes()
         self.num_params = sum(int(np.prod(s)) for s in self.shapes)

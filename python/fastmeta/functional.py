@@ -150,9 +150,10 @@ def hook_reason(modules: Sequence[nn.Module]) -> str | None:
     return None
 
 
-def _parameter_layout_reason(layers: Sequence[nn.Module], count: int) -> str | None:
+def parameter_layout_reason(layers: Sequence[nn.Module], count: int) -> str | None:
     """None when every layer holds exactly its own (weight, bias) in that order, as the batched
-    path reads them by position; else why not (re-registered or shared parameters)."""
+    path and the compiled engines read them by position; else why not (re-registered or
+    shared parameters). ``count``: the model's distinct parameters."""
     total = 0
     for layer in layers:
         names = [name for name, p in layer._parameters.items() if p is not None]
@@ -240,16 +241,12 @@ class TaskBatchedModel:
         self._fitting: set[tuple] = set()  # sample shapes input_problem passed
         layers = None if self.layout is None else [layer for layer, _ in self.layout]
         reasons = [] if layers is None else [r for r in map(unsupported_layer, layers) if r]
-        #: why the layers' parameters cannot be read by position (the compiled engines read
-        #: them so too), or None
-        self.parameter_layout = None if layers is None or reasons else \
-            _parameter_layout_reason(layers, len(self.names))
         if layers is None:
             self.unsupported = f"{type(module).__name__} is not an nn.Sequential"
         elif reasons:
             self.unsupported = f"unsupported layer {reasons[0]}"
         else:
-            self.unsupported = self.parameter_layout
+            self.unsupported = parameter_layout_reason(layers, len(self.names))
         self.layers = layers if self.unsupported is None else None
         # Index of each layer's first parameter in named_parameters() order.
         self.param_offsets = []

@@ -74,8 +74,6 @@ class MAML(nn.Module):
 
     def _compiled_reason(self, support_x: Tensor | None = None) -> str | None:
         """None when a compiled engine can run this model (and these inputs)."""
-        if self._batched.parameter_layout is not None:
-            return self._batched.parameter_layout
         compiled = self._compiled_engine()
         if compiled.reason is not None:
             return compiled.reason

@@ -69,7 +69,6 @@ class Reptile(nn.Module):
                 self._compiled = compiled_engine(self.model, self.loss)
             reason = (self._batched.hooks()
                       or backends.context_reason(like, support_x)
-                      or self._batched.parameter_layout
                       or self._compiled.reason or self._compiled.input_reason(support_x))
         engine = backends.resolve(self.backend, like.device, reason)
         if engine == "cpu":
