@@ -73,16 +73,12 @@ def output_dir(text: str) -> str:
 
 
 def device(text: str) -> str:
-    import torch
+    from fastmeta.experiments.training import check_device
 
     try:
-        parsed = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available to this torch")
-    if parsed.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: use cpu or cuda")
+        check_device(text, what="device")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

@@ -135,21 +135,6 @@ def require_positive_int(config: dict[str, Any], key: str, prefix: str = "--") -
         raise ValueError(f"{prefix}{key.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
-def check_device(device: str) -> None:
-    """Raises ValueError unless this torch can use ``device`` (a run trained on a GPU and
-    resumed or evaluated on a machine without one must say --device cpu)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"the run's device {device!r} is not a torch device; pass --device "
-                         f"cpu or cuda") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"the run's device is {device!r} but CUDA is not available to this "
-                         f"torch; pass --device cpu")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"the run's device {device!r} is neither cpu nor cuda; pass --device cpu")
-
-
 def require_positive_number(config: dict[str, Any], key: str, prefix: str = "--") -> None:
     """Like :func:`require_positive_int` for a finite positive number; stores it as float."""
     value = config[key]
@@ -157,6 +142,21 @@ def require_positive_number(config: dict[str, Any], key: str, prefix: str = "--"
             math.isfinite(value) and value > 0):
         raise ValueError(f"{prefix}{key.replace('_', '-')} must be a positive number, got {value!r}")
     config[key] = float(value)
+
+
+def check_device(device: str, what: str = "the run's device") -> None:
+    """Raises ValueError unless this torch can use ``device`` (the --device option; a run
+    trained on a GPU and resumed or evaluated on a machine without one needs --device cpu)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{what} {device!r} is not a torch device; pass --device cpu or "
+                         f"cuda") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {device!r} needs CUDA, which is not available to this "
+                         f"torch; pass --device cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} {device!r} is neither cpu nor cuda; pass --device cpu")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
